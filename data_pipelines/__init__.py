@@ -1,0 +1,1 @@
+"""Data sets, descriptions and the tf.data input pipeline of eees-jax."""

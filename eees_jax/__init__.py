@@ -1,0 +1,1 @@
+"""eees-jax: EEES visible-infrared person re-identification in JAX/Flax."""

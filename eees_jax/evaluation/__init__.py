@@ -1,0 +1,1 @@
+"""VI-ReID metrics, evaluation protocols and reports."""

@@ -1,0 +1,1 @@
+"""Flax CLIP towers, the EEES network, the tokenizer and CLIP weight import."""
