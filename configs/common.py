@@ -1,0 +1,109 @@
+"""Shared pieces of every experiment config; each configs/<name>.py starts from `base_config()`.
+
+Every value the trainer reads lives here or in the data set's config file: nothing is buried in code.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def loss_config(*, ese: bool = True, cvsc: bool = True, cmsp: bool = True) -> ml_collections.ConfigDict:
+  """The EEES objective (SPEC section 3); each term has a switch and a weight."""
+  return ml_collections.ConfigDict(dict(
+      id=dict(enabled=True, weight=1.0, label_smoothing=0.0),
+      wrt=dict(enabled=True, weight=0.15),
+      ese=dict(enabled=ese, weight=1.0, tau=0.02, within_modality=False),
+      pair=dict(kind="sum", num_heads=8),
+      cvsc=dict(enabled=cvsc, weight=1.0, tau=0.02, kd_temperature=4.0),
+      cmsp=dict(enabled=cmsp, weight=1.0, intra="mean", distance="euclidean", hardest_k=None),
+      dc=dict(enabled=False, weight=1.0),
+  ))
+
+
+def rn50_vision() -> ml_collections.ConfigDict:
+  """CLIP RN50 image tower with the EEES changes (two stems, last stride 1)."""
+  return ml_collections.ConfigDict(dict(
+      kind="resnet", layers=(3, 4, 6, 3), width=64, output_dim=1024, heads=32,
+      pos_grid=7, last_stride=1, interpolation="bicubic", num_modalities=2))
+
+
+def clip_text_tower(embed_dim: int = 1024) -> ml_collections.ConfigDict:
+  """CLIP's text transformer (RN50 joint space is 1024-d)."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=49408, context_length=77, width=512, heads=8, layers=12, embed_dim=embed_dim,
+      eos_token_id=None))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full recipe of SPEC sections 1-3 with CLIP RN50; data set configs fill in `dataset`."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="sysu",            # sysu | regdb | llcm | synthetic
+      root="",                # the unpacked data set folder
+      split=1,                # RegDB split (1..10)
+      descriptions="",        # JSONL of SPEC section 4; relative paths are relative to `root`
+      description_field="auto",  # description | rewritten | auto (rewritten when present)
+  ))
+
+  c.input = ml_collections.ConfigDict(dict(
+      height=288, width=144, P=8, K=4,
+      cache_decoded=False, threads=0,   # 0: tf.data AUTOTUNE
+      eval_batch_size=64,
+      aug=dict(pad=10, flip=0.5, erasing_prob=0.5, erasing_area=(0.02, 0.4),
+               erasing_aspect=(0.3, 3.3), gray_prob=0.5, channel_exchange=True),
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      vision=rn50_vision(),
+      text=clip_text_tower(),
+      gem_p=3.0,
+      dtype="float32",          # compute dtype: float32 | bfloat16 (parameters stay float32)
+      init=dict(
+          checkpoint="",        # OpenAI .pt/.safetensors, Hugging Face folder, or convert_clip output
+          load=("vision", "text"),  # which towers take the checkpoint's weights; heads start fresh
+      ),
+  ))
+
+  c.text = ml_collections.ConfigDict(dict(
+      tokenizer="clip",         # "clip": the CLIP BPE vocabulary; or a Hugging Face checkpoint folder
+      trainable=False,          # False: embed every description once and cache it in the workdir
+      embed_batch_size=256,
+  ))
+
+  c.loss = loss_config()
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4, weight_decay=5e-4, b1=0.9, b2=0.999, grad_clip=0.0,
+      # Parameter groups: the first regex (on '/'-joined parameter paths) that matches wins.
+      # A multiplier of 0 freezes the parameter (no update, no weight decay).
+      groups=(
+          (r"^model/bnneck_[fv]/bias$", 0.0),       # BNNeck bias frozen (SPEC section 1)
+          (r"^model/classifier_[fv]/", 2.0),        # classifiers at 2x
+          (r"^text/", 1.0),                         # only present when text.trainable
+          (r".*", 1.0),
+      ),
+      warmup_epochs=10, warmup_from=0.01, milestones=(40, 70), gamma=0.1,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=120,
+      log_every_steps=20,
+      checkpoint_every_steps=500,
+      keep_checkpoints=2,
+      eval_every_epochs=10,
+      max_steps=-1,             # > 0 stops early (tests, benchmarks)
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      flip=True,
+      modes=("all", "indoor"),  # SYSU-MM01 search modes
+      shots=(1,),
+      trials=10,
+      ranked_list_queries=8,
+      best_metric="mAP",
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: every device on the data axis
+  return c

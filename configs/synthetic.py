@@ -1,0 +1,42 @@
+"""The built-in synthetic benchmark (SPEC section 6): the embedded default, `make demo`.
+
+A small CLIP-family model (ModifiedResNet with two stems, a small text transformer) trained from
+scratch on CPU. The text tower trains jointly (there are no pretrained weights to freeze here).
+Everything else is the full recipe: same sampler, views, augmentation, losses and protocol.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config():
+  c = common.base_config()
+  c.dataset.name = "synthetic"
+  c.dataset.root = "data/synthetic"
+  c.dataset.descriptions = "descriptions.jsonl"
+  c.dataset.generate = ml_collections.ConfigDict(dict(
+      num_ids=120, images_per_camera=5, height=128, width=64, seed=0))
+
+  c.input.height, c.input.width = 128, 64
+  c.input.P, c.input.K = 8, 4
+  c.input.cache_decoded = True
+  c.input.eval_batch_size = 128
+  c.input.aug.pad = 4
+
+  c.model.vision = ml_collections.ConfigDict(dict(
+      kind="resnet", layers=(1, 1, 1, 1), width=16, output_dim=128, heads=4,
+      pos_grid=7, last_stride=1, interpolation="bilinear", num_modalities=2))
+  c.model.text = common.clip_text_tower(embed_dim=128)
+  c.model.text.update(width=128, heads=4, layers=2, context_length=77)
+  c.model.init.checkpoint = ""
+  c.text.trainable = True
+
+  c.optim.lr = 1e-3
+  c.optim.warmup_epochs = 2
+  c.optim.milestones = (16, 22)
+  c.train.epochs = 25
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 200
+  c.train.eval_every_epochs = 0   # only at the end: the demo's time budget
+  c.eval.trials = 10
+  return c

@@ -1,0 +1,199 @@
+"""CLIP's ModifiedResNet image tower (RN50 family) with modality-specific stems.
+
+Same computation as OpenAI's clip/model.py ModifiedResNet: a 3-conv stem (BN + ReLU each) and a
+2x2 average pool; bottleneck blocks whose stride is an average pool after the 3x3 conv (and before
+the 1x1 downsample conv: anti-aliased strided convolutions); attention pooling with a learned
+positional embedding, whose query is the mean token.
+
+Additions for visible-infrared re-identification:
+- num_modalities copies of the stem (conv1..bn3 + avgpool), stacked on a leading axis of every stem
+  variable ([M, ...]) and initialised identically; layer1..layer4 and attnpool are shared. Each
+  sample goes through the stem of its modality. Every stem runs on the whole batch and the output
+  is gathered per sample: the stem is about 4% of RN50's FLOPs, so two stems cost ~4% extra, and
+  shapes stay static. In training each stem's BatchNorm uses only its own modality's samples.
+- last_stride: stride of layer4 (1 gives an 18x9 map for a 288x144 input).
+- The attention pool's positional embedding is stored at CLIP's grid (7x7 + 1 for 224 input) and
+  resized at call time to the feature grid (torch-compatible bicubic or bilinear); unchanged grids
+  use it as is.
+- The attention pool computes only the mean token's query (CLIP discards the other outputs).
+
+Variables (names mirror clip/model.py; weights.py converts OpenAI / open_clip state dicts):
+  params/stem/{conv1,conv2,conv3}/kernel [M,3,3,in,out]; params/stem/{bn1,bn2,bn3}/{scale,bias} [M,C]
+  params/layer{1..4}_{i}/{conv1,conv2,conv3,downsample_conv}/kernel,
+      {bn1,bn2,bn3,downsample_bn}/{scale,bias}
+  params/attnpool/positional_embedding [pos_grid**2 + 1, 32*width],
+      {q_proj,k_proj,v_proj,c_proj}/{kernel,bias}
+  batch_stats mirrors every BatchNorm with mean/var (stem ones stacked [M, C]).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from eees_jax.models import layers as L
+
+Dtype = Any
+EXPANSION = 4
+
+
+def _avg_pool(x: jax.Array, s: int) -> jax.Array:
+  """torch nn.AvgPool2d(s): kernel s, stride s, no padding, floor."""
+  return nn.avg_pool(x, (s, s), strides=(s, s), padding="VALID") if s > 1 else x
+
+
+class ResNetStem(nn.Module):
+  """conv1 (3x3 s2) -> bn1 -> relu -> conv2 -> bn2 -> relu -> conv3 -> bn3 -> relu -> avgpool 2."""
+  width: int
+  train: bool
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [B, H, W, 3]; mask: [B] bool (samples of this stem's modality, for BN statistics).
+    Returns [B, H/4, W/4, width]."""
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                             kernel_init=L.torch_default_init, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    bn = functools.partial(L.MaskedBatchNorm, use_running_average=not self.train,
+                           momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+    x = conv(self.width // 2, strides=(2, 2), name="conv1")(x)
+    x = nn.relu(bn(name="bn1")(x, mask))
+    x = conv(self.width // 2, name="conv2")(x)
+    x = nn.relu(bn(name="bn2")(x, mask))
+    x = conv(self.width, name="conv3")(x)
+    x = nn.relu(bn(name="bn3")(x, mask))
+    return _avg_pool(x, 2)
+
+
+class Bottleneck(nn.Module):
+  """CLIP's bottleneck: 1x1, 3x3, avgpool(stride), 1x1 (x4); avgpool + 1x1 conv + BN shortcut."""
+  planes: int
+  stride: int
+  train: bool
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, Cin] -> [B, H/stride, W/stride, 4*planes]."""
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=L.torch_default_init,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    bn = functools.partial(nn.BatchNorm, use_running_average=not self.train,
+                           momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+    out = nn.relu(bn(name="bn1")(conv(self.planes, (1, 1), name="conv1")(x)))
+    out = conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(out)
+    out = nn.relu(bn(name="bn2")(out))
+    out = _avg_pool(out, self.stride)
+    out = conv(self.planes * EXPANSION, (1, 1), name="conv3")(out)
+    # CLIP zero-initialises the last BN scale of every block (identity residual at init).
+    out = bn(scale_init=nn.initializers.zeros, name="bn3")(out)
+    identity = x
+    if self.stride > 1 or x.shape[-1] != self.planes * EXPANSION:
+      identity = _avg_pool(x, self.stride)
+      identity = conv(self.planes * EXPANSION, (1, 1), name="downsample_conv")(identity)
+      identity = bn(name="downsample_bn")(identity)
+    return nn.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+  """CLIP's QKV attention pooling, computing only the output of the mean (first) token.
+
+  pos_grid is the side of the grid the positional embedding is stored at (input_resolution // 32).
+  """
+  pos_grid: int
+  heads: int
+  output_dim: int
+  interpolation: str = "bicubic"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, h, w, C] -> [B, output_dim]."""
+    b, h, w, c = x.shape
+    if c % self.heads:
+      raise ValueError(f"attention pool width {c} is not divisible by heads {self.heads}")
+    head_dim = c // self.heads
+    pos = self.param("positional_embedding",
+                     nn.initializers.normal(c ** -0.5), (self.pos_grid ** 2 + 1, c),
+                     self.param_dtype)
+    pos = L.resize_token_pos_embed(pos, (h, w), self.pos_grid, self.interpolation)
+    tokens = x.reshape(b, h * w, c)
+    mean = jnp.mean(tokens.astype(jnp.float32), axis=1, keepdims=True).astype(tokens.dtype)
+    seq = jnp.concatenate([mean, tokens], axis=1) + pos.astype(self.dtype)  # [B, hw+1, C]
+    dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(c ** -0.5),
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense(c, name="q_proj")(seq[:, 0]).reshape(b, self.heads, head_dim)
+    k = dense(c, name="k_proj")(seq).reshape(b, h * w + 1, self.heads, head_dim)
+    v = dense(c, name="v_proj")(seq).reshape(b, h * w + 1, self.heads, head_dim)
+    logits = jnp.einsum("bnd,btnd->bnt", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bnt,btnd->bnd", probs, v).reshape(b, c)
+    return dense(self.output_dim, name="c_proj")(out)
+
+
+class ModifiedResNet(nn.Module):
+  """CLIP ModifiedResNet with `num_modalities` stems; defaults are CLIP RN50's.
+
+  layers: blocks per stage; width: stem width (stage widths are 1, 2, 4, 8 x width, times 4 out);
+  output_dim / heads: attention pool; pos_grid: stored positional-embedding grid (CLIP:
+  input_resolution // 32); last_stride: layer4 stride; interpolation: 'bicubic' | 'bilinear'.
+  """
+  layers: Sequence[int] = (3, 4, 6, 3)
+  width: int = 64
+  output_dim: int = 1024
+  heads: int = 32
+  pos_grid: int = 7
+  num_modalities: int = 2
+  last_stride: int = 2
+  interpolation: str = "bicubic"
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, modality: jax.Array | None = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    """x: [B, H, W, 3] float, already normalised; modality: [B] int32 in [0, num_modalities)
+    (0 visible, 1 infrared; may be None when num_modalities == 1).
+
+    Returns {'map': [B, h, w, 32*width] layer4 output, 'pooled': [B, output_dim]}, in dtype.
+    """
+    if len(self.layers) != 4:
+      raise ValueError(f"layers must have 4 entries, got {self.layers}")
+    if self.last_stride not in (1, 2):
+      raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+    x = jnp.asarray(x, self.dtype)
+    masks = L.modality_masks(modality, self.num_modalities, x.shape[0])
+    stems = nn.vmap(ResNetStem, variable_axes={"params": 0, "batch_stats": 0},
+                    split_rngs={"params": False}, in_axes=(None, 0), out_axes=0,
+                    axis_size=self.num_modalities)
+    stacked = stems(self.width, train=train, bn_momentum=self.bn_momentum,
+                    bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="stem")(x, masks)
+    x = L.select_modality(stacked, modality)
+
+    block = functools.partial(Bottleneck, train=train, bn_momentum=self.bn_momentum,
+                              bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    strides = (1, 2, 2, self.last_stride)
+    for stage, (blocks, stride) in enumerate(zip(self.layers, strides)):
+      planes = self.width * 2 ** stage
+      for i in range(blocks):
+        x = block(planes, stride if i == 0 else 1, name=f"layer{stage + 1}_{i}")(x)
+    pooled = AttentionPool2d(self.pos_grid, self.heads, self.output_dim,
+                             interpolation=self.interpolation, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="attnpool")(x)
+    return {"map": x, "pooled": pooled}

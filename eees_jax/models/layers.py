@@ -1,0 +1,277 @@
+"""Layers shared by the CLIP towers: transformer blocks, masked batch norm, positional resizing.
+
+All modules take a compute `dtype` (e.g. bfloat16) and keep parameters in `param_dtype` (float32);
+normalisation statistics and softmax are computed in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# torch's default nn.Linear / nn.Conv2d initialisation (kaiming_uniform with a=sqrt(5)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+# --- positional-embedding resizing ------------------------------------------------------------------
+
+def _cubic_weight(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys' cubic convolution kernel with torch's a = -0.75."""
+  x = np.abs(x)
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+  return np.where(x <= 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def interpolation_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
+  """[out_size, in_size] matrix M with resized = M @ signal, as torch F.interpolate does it.
+
+  Matches torch.nn.functional.interpolate(mode='bilinear' | 'bicubic', align_corners=False,
+  antialias=False) along one axis, which is how PyTorch VI-ReID / CLIP-ReID code resizes CLIP's
+  positional embeddings (half-pixel centres; bicubic a = -0.75 with edge-clamped taps; bilinear
+  clamps negative source coordinates to 0). jax.image.resize differs (a = -0.5, antialiasing when
+  shrinking), so loading a PyTorch-trained model would not reproduce its features.
+  """
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+  scale = in_size / out_size
+  dst = np.arange(out_size, dtype=np.float64)
+  src = (dst + 0.5) * scale - 0.5
+  m = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  if method == "bilinear":
+    src = np.maximum(src, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    i0 = np.minimum(i0, in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam = src - i0
+    np.add.at(m, (rows, i0), 1.0 - lam)
+    np.add.at(m, (rows, i1), lam)
+  elif method == "bicubic":
+    i0 = np.floor(src).astype(np.int64)
+    t = src - i0
+    for offset in (-1, 0, 1, 2):
+      idx = np.clip(i0 + offset, 0, in_size - 1)
+      np.add.at(m, (rows, idx), _cubic_weight(t - offset))
+  else:
+    raise ValueError(f"unknown interpolation {method!r}; expected 'bicubic' or 'bilinear'")
+  return m.astype(np.float32)
+
+
+def resize_grid(grid: jax.Array, out_hw: tuple[int, int], method: str) -> jax.Array:
+  """Resizes a [h, w, C] grid of embeddings to [H, W, C]; exactly the identity when unchanged.
+
+  The resize is two small matrix products (precomputed at trace time), in float32.
+  """
+  h, w = grid.shape[:2]
+  if (h, w) == tuple(out_hw):
+    return grid
+  mh = jnp.asarray(interpolation_matrix(h, out_hw[0], method))
+  mw = jnp.asarray(interpolation_matrix(w, out_hw[1], method))
+  return jnp.einsum("Hh,Ww,hwc->HWc", mh, mw, grid.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def resize_token_pos_embed(pos: jax.Array, grid_hw: tuple[int, int], stored_grid: int,
+                           method: str) -> jax.Array:
+  """CLIP positional embedding [1 + g*g, C] (a leading extra token, then a row-major g x g grid)
+  -> [1 + H*W, C] for an H x W token grid."""
+  if pos.shape[0] != stored_grid * stored_grid + 1:
+    raise ValueError(f"positional embedding has {pos.shape[0]} rows, expected "
+                     f"{stored_grid}*{stored_grid}+1 for grid {stored_grid}")
+  grid = pos[1:].reshape(stored_grid, stored_grid, pos.shape[-1])
+  grid = resize_grid(grid, grid_hw, method)
+  grid = grid.reshape(grid_hw[0] * grid_hw[1], pos.shape[-1]).astype(pos.dtype)
+  return jnp.concatenate([pos[:1], grid], axis=0)
+
+
+# --- normalisation -------------------------------------------------------------------------------------
+
+class MaskedBatchNorm(nn.Module):
+  """BatchNorm over NHWC whose training statistics use only the samples where `mask` is true.
+
+  Used by the modality-specific stems: each stem normalises with the statistics of its own modality
+  (as separate visible / infrared modules do in PyTorch VI-ReID code), although the stems run on
+  the whole batch. A batch with no sample of the modality leaves the running statistics unchanged
+  and normalises with mean 0 / variance 0 (finite, and discarded by the caller), so gradients stay
+  NaN-free. Variables are named like flax.linen.BatchNorm's (params scale/bias, batch_stats
+  mean/var); momentum 0.9 and epsilon 1e-5 are torch's BatchNorm2d defaults (torch momentum 0.1).
+  The variance is the biased one, as in flax.linen.BatchNorm.
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, H, W, C]; mask: [B] bool or None (all samples). Returns [B, H, W, C] in dtype."""
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      if mask is None:
+        w = jnp.ones((x.shape[0], 1, 1, 1), jnp.float32)
+      else:
+        w = mask.astype(jnp.float32).reshape(x.shape[0], 1, 1, 1)
+      count = jnp.sum(w) * x.shape[1] * x.shape[2]
+      denom = jnp.maximum(count, 1.0)
+      mean = jnp.sum(xf * w, axis=(0, 1, 2)) / denom
+      var = jnp.sum(jnp.square(xf - mean) * w, axis=(0, 1, 2)) / denom
+      if not self.is_initializing():
+        present = count > 0
+        m = self.momentum
+        ra_mean.value = jnp.where(present, m * ra_mean.value + (1 - m) * mean, ra_mean.value)
+        ra_var.value = jnp.where(present, m * ra_var.value + (1 - m) * var, ra_var.value)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    y = (x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+# --- transformer ---------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with separate q/k/v/out projections (CLIP's nn.MultiheadAttention)."""
+  width: int
+  heads: int
+  causal: bool = False
+  qkv_std: float | None = None
+  out_std: float | None = None
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, width] -> [B, T, width]."""
+    if self.width % self.heads:
+      raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+    head_dim = self.width // self.heads
+
+    def dense(name, std):
+      init = nn.initializers.normal(std) if std else torch_default_init
+      return nn.Dense(self.width, kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=name)
+
+    b, t, _ = x.shape
+    q = dense("q_proj", self.qkv_std)(x).reshape(b, t, self.heads, head_dim)
+    k = dense("k_proj", self.qkv_std)(x).reshape(b, t, self.heads, head_dim)
+    v = dense("v_proj", self.qkv_std)(x).reshape(b, t, self.heads, head_dim)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                       implementation=self.attention_impl)
+    return dense("out_proj", self.out_std)(out.reshape(b, t, self.width))
+
+
+class ResidualAttentionBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (c_fc, act, c_proj)."""
+  width: int
+  heads: int
+  mlp_dim: int
+  causal: bool = False
+  act: str = "quick_gelu"
+  ln_epsilon: float = 1e-5
+  init_layers: int = 1  # Depth used by CLIP's initialisation scales.
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, width] -> [B, T, width]."""
+    attn_std = self.width ** -0.5
+    proj_std = attn_std * (2 * self.init_layers) ** -0.5
+    fc_std = (2 * self.width) ** -0.5
+    ln = functools.partial(nn.LayerNorm, epsilon=self.ln_epsilon, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+    h = ln(name="ln_1")(x)
+    x = x + SelfAttention(self.width, self.heads, causal=self.causal, qkv_std=attn_std,
+                          out_std=proj_std, attention_impl=self.attention_impl, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="attn")(h)
+    h = ln(name="ln_2")(x)
+    h = nn.Dense(self.mlp_dim, kernel_init=nn.initializers.normal(fc_std), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="c_fc")(h)
+    h = activation(self.act)(h)
+    h = nn.Dense(self.width, kernel_init=nn.initializers.normal(proj_std), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="c_proj")(h)
+    return x + h
+
+
+class Transformer(nn.Module):
+  """A stack of `layers` ResidualAttentionBlocks named resblocks_0 .. resblocks_{layers-1}."""
+  width: int
+  layers: int
+  heads: int
+  mlp_dim: int
+  causal: bool = False
+  act: str = "quick_gelu"
+  ln_epsilon: float = 1e-5
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, width] -> [B, T, width]."""
+    for i in range(self.layers):
+      x = ResidualAttentionBlock(self.width, self.heads, self.mlp_dim, causal=self.causal,
+                                 act=self.act, ln_epsilon=self.ln_epsilon, init_layers=self.layers,
+                                 attention_impl=self.attention_impl, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name=f"resblocks_{i}")(x)
+    return x
+
+
+def select_modality(stacked: jax.Array, modality: jax.Array | None) -> jax.Array:
+  """stacked: [M, B, ...] outputs of M modality-specific modules on the whole batch; modality: [B]
+  int32 in [0, M) (None allowed when M == 1). Returns [B, ...], row b taken from stacked[modality[b]].
+  Out-of-range modality values are clamped by the gather (they cannot raise inside jit)."""
+  m, b = stacked.shape[:2]
+  if modality is None:
+    if m != 1:
+      raise ValueError(f"modality is required when the tower has {m} modality-specific stems")
+    return stacked[0]
+  modality = jnp.asarray(modality, jnp.int32)
+  if modality.shape != (b,):
+    raise ValueError(f"modality must have shape ({b},), got {modality.shape}")
+  if m == 1:
+    return stacked[0]
+  return stacked[modality, jnp.arange(b)]
+
+
+def modality_masks(modality: jax.Array | None, num_modalities: int, batch: int) -> jax.Array:
+  """[M, B] bool, mask[m, b] = (modality[b] == m); all true when modality is None (M must be 1)."""
+  if modality is None:
+    if num_modalities != 1:
+      raise ValueError(f"modality is required when the tower has {num_modalities} stems")
+    return jnp.ones((1, batch), bool)
+  modality = jnp.asarray(modality, jnp.int32)
+  return modality[None, :] == jnp.arange(num_modalities, dtype=jnp.int32)[:, None]

@@ -1,0 +1,115 @@
+"""Tests of the evaluation report: files, markdown table, CMC plot, ranked-list sheet."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines.records import INFRARED, VISIBLE, ImageRecord
+from eees_jax.evaluation import report
+
+
+def _row(trial, r1, mAP, reranked=False):
+  cmc = [r1] + [min(100.0, r1 + 5.0 * i) for i in range(1, 20)]
+  return {"trial": trial, "rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "rank20": cmc[19],
+          "mAP": mAP, "mINP": mAP / 2, "cmc": cmc, "cmc_standard": [c / 2 for c in cmc],
+          "num_queries": 30, "num_gallery": 12, "num_valid_queries": 30}
+
+
+def _results():
+  def setting(rows, reranked):
+    mean = {k: float(np.mean([r[k] for r in rows]))
+            for k in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")}
+    mean["cmc"] = np.mean([r["cmc"] for r in rows], axis=0).tolist()
+    mean["cmc_standard"] = np.mean([r["cmc_standard"] for r in rows], axis=0).tolist()
+    return {"query": "infrared", "gallery": "visible", "reranked": reranked, "trials": rows,
+            "mean": mean, "cmc_kind": "unique-identity"}
+  return {"dataset": "SYSU-MM01", "protocol": "sysu", "distance": "cosine", "max_rank": 20,
+          "trial_key": "trial", "settings": {
+              "all-search single-shot": setting([_row(0, 50.0, 40.0), _row(1, 60.0, 44.0)], False),
+              "all-search single-shot (re-ranked)": setting([_row(0, 70.0, 55.0),
+                                                             _row(1, 72.0, 57.0)], True)}}
+
+
+def test_write_report_files_and_table(tmp_path):
+  results = _results()
+  md = report.write_report(results, str(tmp_path), "Synthetic test")
+  assert json.load(open(tmp_path / "results.json")) == results
+  assert open(tmp_path / "results.md").read() == md
+  assert md.startswith("# Synthetic test")
+  lines = md.splitlines()
+  # Summary row of the plain setting: the means of the two trials.
+  summary = next(l for l in lines if l.startswith("| all-search single-shot | infrared"))
+  cells = [c.strip() for c in summary.strip("|").split("|")]
+  assert cells[2] == "plain"
+  assert cells[3:] == ["55.00", "75.00", "97.50", "100.00", "42.00", "21.00"]
+  # Every row carrying re-ranked numbers says so.
+  reranked_rows = [l for l in lines if l.startswith("|") and ("72.00" in l or "71.00" in l or "57.00" in l)]
+  assert reranked_rows and all("re-ranked" in l for l in reranked_rows)
+  # Per-trial rows and the mean row of each setting.
+  assert "| 1 | plain | 60.00 | 80.00 | 100.00 | 100.00 | 44.00 | 22.00 |" in lines
+  assert any(l.startswith("| **mean** | re-ranked | **71.00**") for l in lines)
+  assert "Standard CMC" in md and "![CMC curves](cmc.png)" in md
+  im = Image.open(tmp_path / "cmc.png")
+  assert im.size == (640, 440)
+  assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something was drawn
+
+
+def _close(pixel, colour, tol=8):
+  assert np.max(np.abs(np.asarray(pixel) - np.asarray(colour))) <= tol, (pixel, colour)
+
+
+def _make_images(root, records, colours):
+  for r in records:
+    path = os.path.join(root, r.path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (32, 64), colours[r.pid]).save(path)
+
+
+def test_ranked_list_sheet_frames_true_matches_green(tmp_path):
+  colours = {1: (200, 200, 0), 2: (0, 200, 200), 3: (120, 0, 160)}
+  queries = [ImageRecord(f"cam3/{p:04d}/0001.jpg", p, 3, INFRARED) for p in (1, 2, 3)]
+  gallery = [ImageRecord(f"cam{c}/{p:04d}/0001.jpg", p, c, VISIBLE) for p in (1, 2, 3)
+             for c in (1, 2)]
+  _make_images(str(tmp_path), queries + gallery, colours)
+  rng = np.random.default_rng(0)
+  dist = rng.random((3, 6))
+  cell = (40, 80)
+  shown = report.ranked_list_sheet(dist, queries, gallery, str(tmp_path), str(tmp_path / "s.png"),
+                                   num_queries=3, top=4, cell=cell)
+  # Expected: the 4 nearest gallery images per query, by an independent argsort.
+  want = [list(np.argsort(dist[i], kind="stable")[:4]) for i in range(3)]
+  assert shown == want
+  sheet = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(int)
+  w, h = cell
+  caption, gap = 14, 12
+  for row in range(3):
+    y = row * (h + caption + 4)
+    assert tuple(sheet[y + 1, 1]) == report._BLUE  # query frame
+    _close(sheet[y + h // 2, w // 2], colours[queries[row].pid])  # query image inside (JPEG)
+    for rank, g in enumerate(want[row]):
+      x = w + gap + rank * (w + 2)
+      frame = tuple(sheet[y + 1, x + 1])
+      expected = report._GREEN if gallery[g].pid == queries[row].pid else report._RED
+      assert frame == expected
+      _close(sheet[y + h // 2, x + w // 2], colours[gallery[g].pid])
+
+
+def test_ranked_list_sheet_hides_protocol_removals_and_takes_indices(tmp_path):
+  colours = {1: (200, 0, 0), 2: (0, 0, 200)}
+  queries = [ImageRecord("cam3/0001/0001.jpg", 1, 3, INFRARED)]
+  gallery = [ImageRecord(f"cam{c}/{p:04d}/0001.jpg", p, c, VISIBLE) for p in (1, 2) for c in (1, 2)]
+  _make_images(str(tmp_path), queries + gallery, colours)
+  ranked = np.array([[1, 3, 0, 2]])  # indices, nearest first; 1 and 3 are camera 2
+  shown = report.ranked_list_sheet(ranked, queries, gallery, str(tmp_path),
+                                   str(tmp_path / "s.png"), top=3, protocol="sysu")
+  assert shown == [[0, 2]]
+  shown = report.ranked_list_sheet(ranked, queries, gallery, str(tmp_path),
+                                   str(tmp_path / "s.png"), top=3)
+  assert shown == [[1, 3, 0]]
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    report.ranked_list_sheet(ranked, queries, gallery, str(tmp_path / "nowhere"),
+                             str(tmp_path / "s.png"), top=2)
