@@ -1,0 +1,155 @@
+"""The trainer: sharded step equals the single-device step, kill-and-resume, main end to end."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic as synthetic_config
+from data_pipelines import synthetic
+from eees_jax import sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("synthetic"))
+  synthetic.generate(root, num_ids=16, images_per_camera=2, height=32, width=16, seed=3)
+  return root
+
+
+def tiny_config(root, **train_kw):
+  c = synthetic_config.get_config()
+  c.dataset.root = root
+  c.input.update(height=32, width=16, P=4, K=2, eval_batch_size=16)
+  c.input.aug.pad = 2
+  c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
+  c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=40)
+  c.text.embed_batch_size = 32
+  c.optim.warmup_epochs = 1
+  c.optim.milestones = (3,)
+  c.train.update(epochs=2, log_every_steps=1, checkpoint_every_steps=2, eval_every_epochs=0)
+  c.train.update(train_kw)
+  c.eval.update(modes=("all",), trials=2, ranked_list_queries=2)
+  return c
+
+
+def _first_batch(exp):
+  it = train.input_pipeline.train_dataset(
+      exp.train_set, P=exp.config.input.P, K=exp.config.input.K, height=exp.config.input.height,
+      width=exp.config.input.width, seed=exp.config.seed, start_step=0, num_steps=1,
+      process_index=0, process_count=1, aug=exp.config.input.aug, threads=None,
+      cache_decoded=False)
+  return next(it)
+
+
+def _one_step(config, workdir, num_devices):
+  config.mesh.data = num_devices
+  exp, pretrained = train.build_experiment(config, workdir)
+  assert exp.mesh.devices.size == num_devices
+  rep = sharding.replicated(exp.mesh)
+  state = jax.device_put(train.init_state(exp, pretrained), rep)
+  text = {k: jax.device_put(v, rep) for k, v in exp.text_arrays.items()}
+  step = jax.jit(functools.partial(train.train_step, model=exp.model, text_model=exp.text_model,
+                                   tx=exp.tx, loss_cfg=config.loss),
+                 in_shardings=(rep, sharding.batch_sharded(exp.mesh), rep), out_shardings=(rep, rep))
+  batch = sharding.host_batch_to_global(_first_batch(exp), exp.mesh)
+  assert len(batch["images"].sharding.device_set) == num_devices
+  state, metrics = step(state, batch, text)
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_single_device(tiny_root, tmp_path):
+  assert jax.device_count() == 8, "tests/conftest.py asks XLA for 8 CPU devices"
+  s1, m1 = _one_step(tiny_config(tiny_root), str(tmp_path / "a"), 1)
+  s8, m8 = _one_step(tiny_config(tiny_root), str(tmp_path / "b"), 8)
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-5, err_msg=k)
+  assert m1["loss/total"] > 0
+  flat1 = jax.tree_util.tree_leaves_with_path(s1.params)
+  flat8 = dict(jax.tree_util.tree_leaves_with_path(s8.params))
+  for path, leaf in flat1:
+    np.testing.assert_allclose(flat8[path], leaf, rtol=2e-3, atol=2e-5, err_msg=str(path))
+  # BatchNorm running statistics are over the global batch on both meshes.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.batch_stats),
+                          jax.tree_util.tree_leaves(s8.batch_stats)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5, err_msg=str(path))
+  # The frozen BNNeck bias did not move; the classifiers did.
+  np.testing.assert_array_equal(s1.params["model"]["bnneck_f"]["bias"], 0.0)
+  assert np.abs(s1.params["model"]["classifier_f"]["kernel"]).sum() > 0
+
+
+def _final_params(workdir, config):
+  mngr = train.checkpoint_manager(workdir, config)
+  exp, pretrained = train.build_experiment(config, workdir)
+  state = jax.device_put(train.init_state(exp, pretrained), sharding.replicated(exp.mesh))
+  state, meta = train.restore_checkpoint(mngr, state)
+  mngr.close()
+  return jax.device_get(state), meta
+
+
+def test_kill_and_resume_ends_with_the_uninterrupted_parameters(tiny_root, tmp_path, monkeypatch):
+  full = str(tmp_path / "full")
+  train.train_and_evaluate(tiny_config(tiny_root, max_steps=7), full)
+  ref, ref_meta = _final_params(full, tiny_config(tiny_root, max_steps=7))
+  assert ref_meta["step"] == 7
+
+  # Killed while fetching the batch of step 5 (after the checkpoint of step 4), mid-epoch ...
+  interrupted = str(tmp_path / "interrupted")
+  real_dataset = train.input_pipeline.train_dataset
+
+  def dying_dataset(*args, **kwargs):
+    for i, batch in enumerate(real_dataset(*args, **kwargs)):
+      if i == 4:
+        raise KeyboardInterrupt("simulated kill")
+      yield batch
+
+  monkeypatch.setattr(train.input_pipeline, "train_dataset", dying_dataset)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_config(tiny_root, max_steps=7), interrupted)
+  monkeypatch.setattr(train.input_pipeline, "train_dataset", real_dataset)
+  steps = sorted(int(p) for p in os.listdir(os.path.join(interrupted, "checkpoints")) if p.isdigit())
+  assert steps[-1] == 4
+  # ... and run the same command again.
+  train.train_and_evaluate(tiny_config(tiny_root, max_steps=7), interrupted)
+  got, meta = _final_params(interrupted, tiny_config(tiny_root, max_steps=7))
+  assert meta["step"] == 7
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref.params),
+                          jax.tree_util.tree_leaves(got.params)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=str(path))
+  assert os.path.exists(os.path.join(interrupted, "report", "results.json"))
+
+
+def test_non_finite_loss_stops_with_the_term_and_step(tiny_root, tmp_path):
+  config = tiny_config(tiny_root, max_steps=3)
+  config.optim.update(lr=1e30, warmup_epochs=0)  # the first update destroys the parameters
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite value of .*loss/\w+.* at step 2"):
+    train.train_and_evaluate(config, str(tmp_path / "nan"))
+  ckpts = tmp_path / "nan" / "checkpoints"
+  assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
+def test_main_end_to_end_writes_checkpoint_and_report(tiny_root, tmp_path):
+  workdir = tmp_path / "run"
+  overrides = {
+      "dataset.root": tiny_root, "input.height": 32, "input.width": 16, "input.P": 4, "input.K": 2,
+      "input.eval_batch_size": 16, "input.aug.pad": 2, "model.vision.width": 8,
+      "model.vision.output_dim": 32, "model.vision.heads": 2, "model.text.width": 32,
+      "model.text.heads": 2, "model.text.layers": 1, "model.text.embed_dim": 32,
+      "train.max_steps": 2, "eval.trials": 1, "eval.ranked_list_queries": 2,
+  }
+  cmd = [sys.executable, "-m", "eees_jax.main", "--config=configs/synthetic.py", f"--workdir={workdir}"]
+  cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.load(open(workdir / "report" / "results.json"))
+  assert results
+  assert any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+  assert "Rank-1" in proc.stdout or "Rank-1" in proc.stderr
