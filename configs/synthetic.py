@@ -17,7 +17,7 @@ def get_config():
   c.dataset.generate = ml_collections.ConfigDict(dict(
       num_ids=120, images_per_camera=5, height=128, width=64, seed=0))
 
-  c.input.height, c.input.width = 128, 64
+  c.input.height, c.input.width = 96, 48   # images are generated at 128x64 and resized
   c.input.P, c.input.K = 8, 4
   c.input.cache_decoded = True
   c.input.eval_batch_size = 128
@@ -27,14 +27,15 @@ def get_config():
       kind="resnet", layers=(1, 1, 1, 1), width=16, output_dim=128, heads=4,
       pos_grid=7, last_stride=1, interpolation="bilinear", num_modalities=2))
   c.model.text = common.clip_text_tower(embed_dim=128)
-  c.model.text.update(width=128, heads=4, layers=2, context_length=77)
+  c.model.text.update(width=128, heads=4, layers=2, context_length=48)  # descriptions <= 45 tokens
   c.model.init.checkpoint = ""
   c.text.trainable = True
 
   c.optim.lr = 1e-3
-  c.optim.warmup_epochs = 2
-  c.optim.milestones = (16, 22)
-  c.train.epochs = 25
+  # Sized for `make demo` (<= 10 min on 2 CPU cores): about 1.2 s per 96-image step there.
+  c.optim.warmup_epochs = 1
+  c.optim.milestones = (7,)
+  c.train.epochs = 9
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 200
   c.train.eval_every_epochs = 0   # only at the end: the demo's time budget

@@ -390,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   meta = {}
   if mngr.latest_step() is not None:
     state, meta = restore_checkpoint(mngr, state)
-    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+    print(f"Resumed from step {int(state.step)} in {workdir}", flush=True)
   start_step = int(jax.device_get(state.step))
   text = {k: jax.device_put(v, rep) for k, v in exp.text_arrays.items()}
 
