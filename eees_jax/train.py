@@ -103,6 +103,7 @@ class Experiment:
   train_set: TrainSet
   model: eees_lib.EEES
   text_model: nn.Module | None
+  text_config: dict
   text_arrays: dict[str, np.ndarray]
   tx: optax.GradientTransformation
   schedule: Callable
@@ -124,6 +125,26 @@ def _load_pretrained(config) -> weights_lib.CLIPWeights | None:
   return weights_lib.load_clip(path)
 
 
+# Options that do not change a tower's parameters: they come from the experiment config even when
+# the architecture comes from a checkpoint.
+_VISION_RUNTIME_OPTIONS = {"resnet": ("last_stride", "interpolation", "num_modalities"),
+                           "vit": ("patch_stride", "interpolation", "num_modalities")}
+
+
+def tower_configs(config, pretrained: weights_lib.CLIPWeights | None) -> tuple[dict, dict]:
+  """Vision and text tower configs: from the checkpoint for the towers it loads (so activation,
+  epsilon, head count and end-of-text rule are the checkpoint's), else from config.model."""
+  vision, text = config.model.vision.to_dict(), config.model.text.to_dict()
+  load = tuple(config.model.init.load)
+  if pretrained is not None and "vision" in load:
+    kind = pretrained.vision_config["kind"]
+    vision = {**pretrained.vision_config,
+              **{k: vision[k] for k in _VISION_RUNTIME_OPTIONS[kind] if k in vision}}
+  if pretrained is not None and "text" in load:
+    text = dict(pretrained.text_config)
+  return vision, text
+
+
 def init_state(exp: Experiment, pretrained: weights_lib.CLIPWeights | None) -> TrainState:
   """Fresh parameters (CLIP towers from `pretrained` where config.model.init.load says so)."""
   cfg = exp.config
@@ -142,21 +163,20 @@ def init_state(exp: Experiment, pretrained: weights_lib.CLIPWeights | None) -> T
       batch_stats["encoder"] = weights_lib.merge_params(
           batch_stats["encoder"], pretrained.vision_batch_stats, include=(".*",),
           what="vision batch statistics")
-  pair = losses.init_pair_params(k_pair, cfg.loss.pair.kind, cfg.model.text.embed_dim,
+  pair = losses.init_pair_params(k_pair, cfg.loss.pair.kind, exp.text_config["embed_dim"],
                                  num_heads=cfg.loss.pair.num_heads)
   if pair:
     params["pair"] = pair
   if exp.text_model is not None:
-    params["text"] = _text_params(exp, pretrained, k_text)
+    params["text"] = _text_params(cfg, exp.text_config, pretrained, k_text)
   opt_state = exp.tx.init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=opt_state, rng=k_state)
 
 
-def _text_params(exp_or_cfg, pretrained, key):
-  cfg = exp_or_cfg.config if isinstance(exp_or_cfg, Experiment) else exp_or_cfg
-  text_model = weights_lib.build_text_tower(dict(cfg.model.text))
-  tokens = jnp.zeros((1, cfg.model.text.context_length), jnp.int32)
+def _text_params(cfg, text_config: dict, pretrained, key):
+  text_model = weights_lib.build_text_tower(text_config)
+  tokens = jnp.zeros((1, text_config["context_length"]), jnp.int32)
   params = flax.core.unfreeze(jax.jit(text_model.init)(key, tokens)["params"])
   if pretrained is not None and "text" in tuple(cfg.model.init.load):
     params = weights_lib.merge_params(params, pretrained.text_params, include=(".*",), what="text tower")
@@ -168,24 +188,25 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> tuple[E
   train_set = datasets.load_train_set(config.dataset)
   texts = descriptions_lib.load_descriptions(datasets.descriptions_path(config.dataset),
                                              train_set.records, field=config.dataset.description_field)
-  tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
-                                            context_length=config.model.text.context_length)
-  tokens, index = text_features.unique_tokens(texts, tokenizer.tokenize)
   pretrained = _load_pretrained(config)
+  vision_config, text_config = tower_configs(config, pretrained)
+  tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
+                                            context_length=text_config["context_length"])
+  tokens, index = text_features.unique_tokens(texts, tokenizer.tokenize)
 
   dtype = _dtype(config.model.dtype)
-  model = eees_lib.EEES(vision=config.model.vision.to_dict(), num_classes=train_set.num_classes,
+  model = eees_lib.EEES(vision=vision_config, num_classes=train_set.num_classes,
                         gem_p=config.model.gem_p, dtype=dtype)
-  text_tower = weights_lib.build_text_tower(config.model.text.to_dict())
+  text_tower = weights_lib.build_text_tower(text_config)
   text_arrays = {"index": index}
   if config.text.trainable:
     text_model = text_tower
     text_arrays["tokens"] = tokens.astype(np.int32)
   else:
     text_model = None
-    params = _text_params(config, pretrained, jax.random.PRNGKey(config.seed + 1))
+    params = _text_params(config, text_config, pretrained, jax.random.PRNGKey(config.seed + 1))
     text_arrays["features"] = text_features.frozen_text_features(
-        workdir, tokens, config.model.text.to_dict(), params,
+        workdir, tokens, text_config, params,
         lambda p, t: text_tower.apply({"params": p}, t), config.text.embed_batch_size)
 
   P, K = config.input.P, config.input.K
@@ -199,7 +220,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> tuple[E
 
   # The optimiser needs the parameter tree's structure only.
   exp = Experiment(config=config, workdir=workdir, train_set=train_set, model=model,
-                   text_model=text_model, text_arrays=text_arrays, tx=None, schedule=None,
+                   text_model=text_model, text_config=text_config, text_arrays=text_arrays, tx=None, schedule=None,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh)
   abstract = jax.eval_shape(lambda: _param_skeleton(exp))
   exp.tx, exp.schedule = optim.make_optimizer(abstract, config.optim, steps_per_epoch)
@@ -211,13 +232,13 @@ def _param_skeleton(exp: Experiment) -> dict:
   h, w = cfg.input.height, cfg.input.width
   v = exp.model.init(jax.random.PRNGKey(0), jnp.zeros((2, h, w, 3)), jnp.array([0, 1]), train=False)
   params = {"model": v["params"]}
-  pair = losses.init_pair_params(jax.random.PRNGKey(0), cfg.loss.pair.kind, cfg.model.text.embed_dim,
-                                 num_heads=cfg.loss.pair.num_heads)
+  pair = losses.init_pair_params(jax.random.PRNGKey(0), cfg.loss.pair.kind,
+                                 exp.text_config["embed_dim"], num_heads=cfg.loss.pair.num_heads)
   if pair:
     params["pair"] = pair
   if exp.text_model is not None:
     params["text"] = exp.text_model.init(jax.random.PRNGKey(0),
-                                         jnp.zeros((1, cfg.model.text.context_length), jnp.int32))["params"]
+                                         jnp.zeros((1, exp.text_config["context_length"]), jnp.int32))["params"]
   return params
 
 

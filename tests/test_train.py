@@ -153,3 +153,32 @@ def test_main_end_to_end_writes_checkpoint_and_report(tiny_root, tmp_path):
   assert results
   assert any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
   assert "Rank-1" in proc.stdout or "Rank-1" in proc.stderr
+
+
+def test_pretrained_clip_initialises_both_towers(tiny_root, tmp_path):
+  """An OpenAI-format checkpoint sets the EEES encoder (both stems) and the frozen text features."""
+  import torch
+  import _torch_refs
+  clip = _torch_refs.tiny_clip((1, 1, 1, 1), 8, 64, embed_dim=32, context_length=16,
+                               vocab_size=49408, text_width=64, text_layers=1, seed=1)
+  ckpt = str(tmp_path / "tiny_rn.pt")
+  torch.save(clip.state_dict(), ckpt)
+  config = tiny_config(tiny_root)
+  config.model.init.checkpoint = ckpt
+  config.text.trainable = False
+  exp, pretrained = train.build_experiment(config, str(tmp_path / "w"))
+  state = train.init_state(exp, pretrained)
+  enc = state.params["model"]["encoder"]
+  # Both stems are CLIP's stem (torch OIHW -> flax HWIO).
+  ref = clip.visual.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+  for m in range(2):
+    np.testing.assert_allclose(enc["stem"]["conv1"]["kernel"][m], ref, rtol=1e-6)
+  # Frozen description features equal OpenAI's encode_text of the same tokens.
+  from eees_jax.models import tokenizer as tokenizer_lib
+  texts = train.descriptions_lib.load_descriptions(
+      train.datasets.descriptions_path(config.dataset), exp.train_set.records, field="auto")
+  toks = tokenizer_lib.build_tokenizer("clip", context_length=16).tokenize(texts[:4])
+  with torch.no_grad():
+    want = clip.encode_text(torch.from_numpy(toks.astype(np.int64))).numpy()
+  got = exp.text_arrays["features"][exp.text_arrays["index"][:4]]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
