@@ -145,18 +145,18 @@ def tower_configs(config, pretrained: weights_lib.CLIPWeights | None) -> tuple[d
   return vision, text
 
 
-def init_state(exp: Experiment, pretrained: weights_lib.CLIPWeights | None) -> TrainState:
-  """Fresh parameters (CLIP towers from `pretrained` where config.model.init.load says so)."""
+def _variables(exp: Experiment, rng: jax.Array,
+               pretrained: weights_lib.CLIPWeights | None = None) -> tuple[dict, dict]:
+  """(params, batch_stats) of everything the optimiser sees; CLIP towers from `pretrained` where
+  config.model.init.load says so. Under jax.eval_shape it gives the optimiser its tree structure."""
   cfg = exp.config
-  rng = jax.random.PRNGKey(cfg.seed)
-  k_model, k_pair, k_text, k_state = jax.random.split(rng, 4)
+  k_model, k_pair, k_text, _ = jax.random.split(rng, 4)
   h, w = cfg.input.height, cfg.input.width
   variables = jax.jit(functools.partial(exp.model.init, train=False))(
       k_model, jnp.zeros((2, h, w, 3), jnp.float32), jnp.array([0, 1], jnp.int32))
   params = {"model": flax.core.unfreeze(variables["params"])}
   batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
-  load = tuple(cfg.model.init.load)
-  if pretrained is not None and "vision" in load:
+  if pretrained is not None and "vision" in tuple(cfg.model.init.load):
     params["model"]["encoder"] = weights_lib.merge_params(
         params["model"]["encoder"], pretrained.vision_params, include=(".*",), what="vision tower")
     if pretrained.vision_batch_stats:
@@ -169,9 +169,15 @@ def init_state(exp: Experiment, pretrained: weights_lib.CLIPWeights | None) -> T
     params["pair"] = pair
   if exp.text_model is not None:
     params["text"] = _text_params(cfg, exp.text_config, pretrained, k_text)
-  opt_state = exp.tx.init(params)
+  return params, batch_stats
+
+
+def init_state(exp: Experiment, pretrained: weights_lib.CLIPWeights | None) -> TrainState:
+  """Fresh parameters (CLIP towers from `pretrained` where config.model.init.load says so)."""
+  rng = jax.random.PRNGKey(exp.config.seed)
+  params, batch_stats = _variables(exp, rng, pretrained)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=opt_state, rng=k_state)
+                    opt_state=exp.tx.init(params), rng=jax.random.split(rng, 4)[3])
 
 
 def _text_params(cfg, text_config: dict, pretrained, key):
@@ -222,24 +228,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> tuple[E
   exp = Experiment(config=config, workdir=workdir, train_set=train_set, model=model,
                    text_model=text_model, text_config=text_config, text_arrays=text_arrays, tx=None, schedule=None,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh)
-  abstract = jax.eval_shape(lambda: _param_skeleton(exp))
+  abstract = jax.eval_shape(lambda: _variables(exp, jax.random.PRNGKey(0))[0])
   exp.tx, exp.schedule = optim.make_optimizer(abstract, config.optim, steps_per_epoch)
   return exp, pretrained
-
-
-def _param_skeleton(exp: Experiment) -> dict:
-  cfg = exp.config
-  h, w = cfg.input.height, cfg.input.width
-  v = exp.model.init(jax.random.PRNGKey(0), jnp.zeros((2, h, w, 3)), jnp.array([0, 1]), train=False)
-  params = {"model": v["params"]}
-  pair = losses.init_pair_params(jax.random.PRNGKey(0), cfg.loss.pair.kind,
-                                 exp.text_config["embed_dim"], num_heads=cfg.loss.pair.num_heads)
-  if pair:
-    params["pair"] = pair
-  if exp.text_model is not None:
-    params["text"] = exp.text_model.init(jax.random.PRNGKey(0),
-                                         jnp.zeros((1, exp.text_config["context_length"]), jnp.int32))["params"]
-  return params
 
 
 # ----------------------------------------------------------------------------------------------
