@@ -20,6 +20,16 @@ def loss_config(*, ese: bool = True, cvsc: bool = True, cmsp: bool = True) -> ml
   ))
 
 
+# The ablation of SPEC section 3: the rows of the paper's table, as config overrides.
+ABLATION_ROWS = {
+    "baseline": {"loss.ese.enabled": False, "loss.cvsc.enabled": False, "loss.cmsp.enabled": False},
+    "ese": {"loss.cvsc.enabled": False, "loss.cmsp.enabled": False},
+    "ese_cvsc": {"loss.cmsp.enabled": False},
+    "ese_cmsp": {"loss.cvsc.enabled": False},
+    "full": {},
+}
+
+
 def rn50_vision() -> ml_collections.ConfigDict:
   """CLIP RN50 image tower with the EEES changes (two stems, last stride 1)."""
   return ml_collections.ConfigDict(dict(
@@ -43,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="sysu",            # sysu | regdb | llcm | synthetic
       root="",                # the unpacked data set folder
       split=1,                # RegDB split (1..10)
+      holdout=False,          # True: train on exp/train_id.txt only, evaluate on exp/val_id.txt
+                              # (SYSU layout): tune here, never on the test ids
       descriptions="",        # JSONL of SPEC section 4; relative paths are relative to `root`
       description_field="auto",  # description | rewritten | auto (rewritten when present)
   ))

@@ -15,7 +15,8 @@ def get_config():
   c.dataset.root = "data/synthetic"
   c.dataset.descriptions = "descriptions.jsonl"
   c.dataset.generate = ml_collections.ConfigDict(dict(
-      num_ids=120, images_per_camera=5, height=128, width=64, seed=0))
+      num_ids=120, images_per_camera=5, height=128, width=64, seed=0,
+      val_fraction=0.2))   # 40 test ids; 24 of the 80 training ids are the holdout validation set
 
   c.input.height, c.input.width = 96, 48   # images are generated at 128x64 and resized
   c.input.P, c.input.K = 8, 4

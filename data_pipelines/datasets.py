@@ -1,6 +1,7 @@
 """One entry point from an experiment config to a data set's training records and descriptions."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -23,9 +24,13 @@ def load_train_set(dataset: Any) -> TrainSet:
     ensure_synthetic(dataset)
   if not root or not os.path.isdir(root):
     raise DatasetError(f"config.dataset.root={root!r} is not a folder. {_DOWNLOAD_HINTS.get(name, '')}")
+  holdout = bool(dataset.get("holdout", False))
+  if holdout and name not in ("sysu", "synthetic"):
+    raise DatasetError(f"config.dataset.holdout=True needs a validation id list (SYSU-MM01 layout: "
+                       f"exp/val_id.txt); {name} has none. Set --config.dataset.holdout=False")
   if name in ("sysu", "synthetic"):
     from data_pipelines import sysu_mm01
-    return sysu_mm01.train_set(root)
+    return sysu_mm01.train_set(root, holdout=holdout)
   if name == "regdb":
     from data_pipelines import regdb
     return regdb.train_set(root, dataset.split)
@@ -37,14 +42,25 @@ def load_train_set(dataset: Any) -> TrainSet:
 
 def ensure_synthetic(dataset: Any) -> None:
   """Generates the synthetic benchmark into `dataset.root` unless it is already there."""
-  root = dataset.root
-  if os.path.isfile(os.path.join(root, "exp", "test_id.txt")):
-    return
   from data_pipelines import synthetic
-  g = dataset.generate
+  root, wanted = dataset.root, dict(dataset.generate)
+  marker = os.path.join(root, synthetic.MARKER)
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      have = json.load(f).get("settings", {})
+    have.setdefault("val_fraction", 0.05)  # written before the setting existed
+    differ = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+    if differ:
+      raise DatasetError(
+          f"{root} holds a synthetic set generated with other settings "
+          f"({', '.join(f'{k}: {a!r} there, {b!r} in config.dataset.generate' for k, (a, b) in differ.items())}); "
+          f"delete the folder to regenerate it, or point --config.dataset.root elsewhere")
+    return
+  if os.path.isfile(os.path.join(root, "exp", "test_id.txt")):
+    raise DatasetError(f"{root} has exp/test_id.txt but no {synthetic.MARKER}: it is not a set this "
+                       "generator wrote; point --config.dataset.root at an empty folder")
   print(f"Generating the synthetic benchmark into {root} ...", flush=True)
-  synthetic.generate(root, num_ids=g.num_ids, images_per_camera=g.images_per_camera,
-                     height=g.height, width=g.width, seed=g.seed)
+  synthetic.generate(root, **wanted)
 
 
 def descriptions_path(dataset: Any) -> str:

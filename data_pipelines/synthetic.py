@@ -208,12 +208,20 @@ def sample_identity(seed: int, pid: int, split: str) -> Identity:
       shade=tuple(float(s) for s in rng.uniform(0.9, 1.1, 3)), warmth=float(rng.normal(0.0, 0.03)))
 
 
-def assign_splits(seed: int, num_ids: int) -> dict[int, str]:
-  """Ids 1..num_ids -> split: about a third test, a few val (5 %), the rest train."""
+def assign_splits(seed: int, num_ids: int, val_fraction: float = 0.05) -> dict[int, str]:
+  """Ids 1..num_ids -> split: about a third test, `val_fraction` val, the rest train.
+
+  The test ids do not depend on `val_fraction` (they come first in the permutation), and the
+  standard protocol trains on train + val, so `val_fraction` only decides how many training
+  identities a held-out validation run (config.dataset.holdout) keeps aside.
+  """
   if num_ids < 3:
     raise ValueError(f"num_ids must be at least 3 (train, val and test each need one), got {num_ids}")
   num_test = max(1, round(num_ids / 3))
-  num_val = max(1, round(num_ids * 0.05))
+  num_val = max(1, round(num_ids * val_fraction))
+  if not 0.0 < val_fraction < 1.0 or num_test + num_val >= num_ids:
+    raise ValueError(f"val_fraction={val_fraction} leaves no training identity out of {num_ids} "
+                     f"({num_test} test, {num_val} val)")
   order = np.random.default_rng([seed, 0]).permutation(np.arange(1, num_ids + 1))
   splits = {}
   for i, pid in enumerate(order.tolist()):
@@ -708,7 +716,8 @@ def _replace_outputs(staging: str, out: str) -> None:
 
 
 def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: int = 128,
-             width: int = 64, seed: int = 0, workers: int = 1, overwrite: bool = False,
+             width: int = 64, seed: int = 0, val_fraction: float = 0.05, workers: int = 1,
+             overwrite: bool = False,
              ir_colour_missing: float = 0.5, ir_colour_wrong: float = 0.25,
              verbose: bool = False) -> dict:
   """Writes the synthetic data set to `out` and returns a summary.
@@ -726,7 +735,7 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
   noise = ColourNoise(ir_colour_missing, ir_colour_wrong)
   out = os.path.abspath(os.fspath(out))
   _check_out(out, overwrite)
-  splits = assign_splits(seed, num_ids)
+  splits = assign_splits(seed, num_ids, val_fraction)
   identities = [sample_identity(seed, pid, splits[pid]) for pid in range(1, num_ids + 1)]
   jobs = [(identity, camid, index, height, width, seed)
           for identity in identities for camid in identity.cameras
@@ -762,7 +771,7 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
     records.sort(key=lambda r: r["image"])
     descriptions_lib.write_records(os.path.join(staging, DESCRIPTIONS), records)
     settings = {"num_ids": num_ids, "images_per_camera": images_per_camera, "height": height,
-                "width": width, "seed": seed, "ir_colour_missing": noise.missing,
+                "width": width, "seed": seed, "val_fraction": val_fraction, "ir_colour_missing": noise.missing,
                 "ir_colour_wrong": noise.wrong}
     with open(os.path.join(staging, MARKER), "w") as f:
       json.dump({"generator": GENERATOR, "version": VERSION, "settings": settings,
@@ -810,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--height", type=int, default=128)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--val_fraction", type=float, default=0.05,
+                      help="share of identities in exp/val_id.txt (held out by --config.dataset.holdout)")
   parser.add_argument("--workers", type=int, default=1, help="rendering processes")
   parser.add_argument("--ir_colour_missing", type=float, default=0.5,
                       help="probability that an infrared description omits a colour")
@@ -820,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     generate(args.out, args.num_ids, args.images_per_camera, args.height, args.width, args.seed,
-             workers=args.workers, overwrite=args.overwrite, ir_colour_missing=args.ir_colour_missing,
+             val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite, ir_colour_missing=args.ir_colour_missing,
              ir_colour_wrong=args.ir_colour_wrong, verbose=True)
   except (DatasetError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

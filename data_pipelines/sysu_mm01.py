@@ -123,28 +123,40 @@ def _scan(root: str, ids: Iterable[int], cameras: Sequence[int], id_file: str) -
   return records
 
 
-def train_set(root: str) -> TrainSet:
+EVAL_SPLITS = ("test", "val")
+
+
+def train_set(root: str, holdout: bool = False) -> TrainSet:
   """Training records: the train and val ids, all six cameras, labels relabelled 0..N-1.
 
+  holdout=True keeps the val ids out (train ids only), so that a run evaluated on them
+  (`split="val"` below) can tune settings without ever looking at the test ids.
   Labels follow the sorted original ids; records are ordered by id, camera, file name. Identities
   missing from some cameras are normal and skipped; an id with no image at all is an error.
   """
   root = _check_root(root)
   splits = split_ids(root)
-  ids = sorted(splits["train"] + splits["val"])
-  scanned = _scan(root, ids, CAMERAS, "train_id.txt / val_id.txt")
+  ids = sorted(splits["train"] + ([] if holdout else splits["val"]))
+  scanned = _scan(root, ids, CAMERAS, "train_id.txt" if holdout else "train_id.txt / val_id.txt")
   label = {pid: i for i, pid in enumerate(ids)}
   records = tuple(ImageRecord(r.path, label[r.pid], r.camid, r.modality) for r in scanned)
   return TrainSet(root=root, records=records, num_classes=len(ids))
 
 
-def test_records(root: str) -> list[ImageRecord]:
+def _check_split(split: str) -> str:
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"SYSU-MM01 evaluation split must be one of {EVAL_SPLITS}, got {split!r}")
+  return split
+
+
+def test_records(root: str, split: str = "test") -> list[ImageRecord]:
   """Every image of the test ids in all six cameras (pid = original id), by id, camera, file.
 
   The query list and every gallery draw are subsets of these (see `select_gallery`).
+  split="val": the same for the val ids (a held-out validation run; never reported as a result).
   """
   root = _check_root(root)
-  return _scan(root, split_ids(root)["test"], CAMERAS, "test_id.txt")
+  return _scan(root, split_ids(root)[_check_split(split)], CAMERAS, f"{split}_id.txt")
 
 
 def _check_mode(mode: str) -> tuple[int, ...]:
@@ -153,14 +165,14 @@ def _check_mode(mode: str) -> tuple[int, ...]:
   return GALLERY_CAMERAS[mode]
 
 
-def query_set(root: str, mode: str = "all") -> list[ImageRecord]:
+def query_set(root: str, mode: str = "all", split: str = "test") -> list[ImageRecord]:
   """The AGW query list: all infrared images of the test ids.
 
   for id in sorted(test ids): for camera in (3, 6): every file of cam<c>/<id>, sorted. The list is
   the same for both modes (indoor search only shrinks the gallery). pid = original id.
   """
   _check_mode(mode)
-  return [r for r in test_records(root) if r.camid in QUERY_CAMERAS]
+  return [r for r in test_records(root, split) if r.camid in QUERY_CAMERAS]
 
 
 def select_gallery(records: Iterable[ImageRecord], mode: str = "all", trial: int = 0,
@@ -199,7 +211,7 @@ def select_gallery(records: Iterable[ImageRecord], mode: str = "all", trial: int
 
 
 def gallery_set(root: str, mode: str = "all", trial: int = 0, shots: int = 1,
-                source: str = "random") -> list[ImageRecord]:
+                source: str = "random", split: str = "test") -> list[ImageRecord]:
   """The gallery of one trial (0..9 in the protocol); pid = original id, camid = camera.
 
   source="random": the AGW draw (see `select_gallery`), the lists behind published numbers.
@@ -209,9 +221,12 @@ def gallery_set(root: str, mode: str = "all", trial: int = 0, shots: int = 1,
   """
   cameras = _check_mode(mode)
   if source == "random":
-    return select_gallery(test_records(root), mode, trial, shots)
+    return select_gallery(test_records(root, split), mode, trial, shots)
   if source != "official":
     raise ValueError(f"gallery source must be one of {GALLERY_SOURCES}, got {source!r}")
+  if _check_split(split) != "test":
+    raise ValueError("the official rand_perm_cam.mat galleries cover the test ids only; use "
+                     "source='random' for split='val'")
   root = _check_root(root)
   return _official_gallery(root, split_ids(root)["test"], cameras, trial, shots)
 

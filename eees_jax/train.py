@@ -4,6 +4,9 @@ One jit-compiled step over a device mesh: the global batch is sharded on the "da
 is replicated, and the old state's buffers are donated. Data order, augmentation and the RNG depend
 only on (config.seed, step), so a run restarted from its last checkpoint replays exactly the batches
 it would have seen, and ends with the same parameters as an uninterrupted run.
+
+TensorFlow (tf.data) is imported only where input is built, so the step, the state and the
+checkpoints load on hosts without it (the GPU benchmark machine has none).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 from tqdm import tqdm
 
-from data_pipelines import datasets, descriptions as descriptions_lib, input_pipeline
+from data_pipelines import datasets, descriptions as descriptions_lib, sampler
+from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import TrainSet
 from eees_jax import losses, optim, sharding, text_features
 from eees_jax.models import eees as eees_lib
@@ -66,7 +70,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], text: dict[str, j
   text: "index" int32 [num_records] mapping a record to its distinct description, and either
     "features" float32 [U, D] (frozen tower) or "tokens" int32 [U, L] (trainable tower).
   """
-  images = input_pipeline.normalize(batch["images"], input_pipeline.CLIP_MEAN, input_pipeline.CLIP_STD)
+  images = normalize(batch["images"], CLIP_MEAN, CLIP_STD)
   labels, modality = batch["labels"], batch["modality"]
   valid = jnp.ones(labels.shape, bool)
   text_idx = text["index"][batch["desc"]]
@@ -216,7 +220,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> tuple[E
         lambda p, t: text_tower.apply({"params": p}, t), config.text.embed_batch_size)
 
   P, K = config.input.P, config.input.K
-  steps_per_epoch = input_pipeline.steps_per_epoch(train_set, P, K)
+  steps_per_epoch = sampler.steps_per_epoch(train_set, P, K)
   total_steps = steps_per_epoch * config.train.epochs
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
@@ -280,7 +284,7 @@ def make_extract(exp: Experiment, state: TrainState) -> Callable:
 
   @jax.jit
   def embed(variables, images, modality):
-    x = input_pipeline.normalize(images, input_pipeline.CLIP_MEAN, input_pipeline.CLIP_STD)
+    x = normalize(images, CLIP_MEAN, CLIP_STD)
     return exp.model.apply(variables, x, modality, flip=cfg.eval.flip, method=eees_lib.EEES.embed)
 
   cache: dict[str, np.ndarray] = {}  # path -> feature: protocols and the ranked list share passes
@@ -292,6 +296,7 @@ def make_extract(exp: Experiment, state: TrainState) -> Callable:
     n_proc, proc = jax.process_count(), jax.process_index()
     share = cfg.input.eval_batch_size // n_proc
     done = 0
+    from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top (see module doc)
     batches = input_pipeline.eval_dataset(root, todo, height=cfg.input.height, width=cfg.input.width,
                                           batch_size=cfg.input.eval_batch_size) if todo else ()
     for batch in batches:
@@ -313,9 +318,10 @@ def evaluate(exp: Experiment, state: TrainState, out_dir: str | None) -> dict:
   cfg = exp.config
   extract = make_extract(exp, state)
   name = cfg.dataset.name
+  split = "val" if cfg.dataset.holdout else "test"
   if name in ("sysu", "synthetic"):
     results = protocols.evaluate_sysu(extract, cfg.dataset.root, modes=tuple(cfg.eval.modes),
-                                      shots=tuple(cfg.eval.shots), trials=cfg.eval.trials)
+                                      shots=tuple(cfg.eval.shots), trials=cfg.eval.trials, split=split)
   elif name == "regdb":
     results = protocols.evaluate_regdb(lambda split: extract, cfg.dataset.root, splits=(cfg.dataset.split,))
   elif name == "llcm":
@@ -323,7 +329,8 @@ def evaluate(exp: Experiment, state: TrainState, out_dir: str | None) -> dict:
   else:
     raise ValueError(f"no evaluation protocol for config.dataset.name={name!r}")
   if out_dir and jax.process_index() == 0:
-    report.write_report(results, out_dir, title=f"EEES on {name}")
+    title = f"EEES on {name}" + (" (held-out val ids, not a test result)" if split == "val" else "")
+    report.write_report(results, out_dir, title=title)
     if name in ("sysu", "synthetic") and cfg.eval.ranked_list_queries > 0:
       _ranked_list(extract, cfg, out_dir)
   return results
@@ -333,8 +340,9 @@ def _ranked_list(extract: Callable, cfg, out_dir: str) -> None:
   """Ranked-list sheet of all-search trial 0 (features come from the extract's cache)."""
   from data_pipelines import sysu_mm01
   from eees_jax.evaluation import metrics, report
-  query = sysu_mm01.query_set(cfg.dataset.root, "all")
-  gallery = sysu_mm01.gallery_set(cfg.dataset.root, "all", 0)
+  split = "val" if cfg.dataset.holdout else "test"
+  query = sysu_mm01.query_set(cfg.dataset.root, "all", split=split)
+  gallery = sysu_mm01.gallery_set(cfg.dataset.root, "all", 0, split=split)
   dist = metrics.cosine_distance(extract(query), extract(gallery))
   step = max(len(query) // cfg.eval.ranked_list_queries, 1)
   report.ranked_list_sheet(dist, query, gallery, cfg.dataset.root,
@@ -413,6 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   P, K = config.input.P, config.input.K
   global_batch = 3 * P * K
+  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
   batches = input_pipeline.train_dataset(
       exp.train_set, P=P, K=K, height=config.input.height, width=config.input.width,
       seed=config.seed, start_step=start_step, num_steps=exp.total_steps - start_step,

@@ -198,3 +198,26 @@ def test_refuses_non_empty_out(tmp_path, capsys):
   with pytest.raises(ValueError, match="at least 3"):
     synthetic.generate(str(tmp_path / "tiny"), num_ids=2)
   assert not (tmp_path / "tiny").exists()
+
+
+def test_val_fraction_moves_training_ids_only():
+  a, b = synthetic.assign_splits(0, 120), synthetic.assign_splits(0, 120, val_fraction=0.2)
+  test = lambda s: {p for p, v in s.items() if v == "test"}
+  assert test(a) == test(b) and len(test(a)) == 40
+  assert sum(v == "val" for v in a.values()) == 6 and sum(v == "val" for v in b.values()) == 24
+  assert {p for p, v in b.items() if v != "test"} == {p for p, v in a.items() if v != "test"}
+  with pytest.raises(ValueError, match="leaves no training identity"):
+    synthetic.assign_splits(0, 12, val_fraction=0.7)
+
+
+def test_ensure_synthetic_refuses_a_set_made_with_other_settings(tmp_path):
+  import ml_collections
+  from data_pipelines import datasets
+  gen = dict(num_ids=4, images_per_camera=1, height=32, width=16, seed=0, val_fraction=0.3)
+  cfg = ml_collections.ConfigDict(dict(root=str(tmp_path / "s"), generate=gen))
+  datasets.ensure_synthetic(cfg)                     # generates
+  assert os.path.isfile(tmp_path / "s" / synthetic.MARKER)
+  datasets.ensure_synthetic(cfg)                     # same settings: reused
+  cfg.generate.seed = 1
+  with pytest.raises(DatasetError, match=r"seed: 0 there, 1 in config.dataset.generate"):
+    datasets.ensure_synthetic(cfg)

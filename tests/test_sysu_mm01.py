@@ -275,3 +275,31 @@ def test_grayscale_image_reads_as_three_equal_channels(tmp_path):
   pixels = images.read_image(path)
   assert pixels.shape == (32, 16, 3)
   assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+
+
+def test_holdout_train_set_keeps_val_ids_out(tree):
+  full, held = sysu_mm01.train_set(tree), sysu_mm01.train_set(tree, holdout=True)
+  assert full.num_classes == len(TRAIN + VAL) and held.num_classes == len(TRAIN)
+  held_pids = {int(r.path.split("/")[1]) for r in held.records}
+  assert held_pids == set(TRAIN)
+  assert sorted({r.pid for r in held.records}) == list(range(len(TRAIN)))
+
+
+def test_val_split_lists_are_the_agw_lists_of_the_val_ids(tree):
+  query = sysu_mm01.query_set(tree, "all", split="val")
+  galleries = {t: sysu_mm01.gallery_set(tree, "all", t, split="val") for t in range(3)}
+  # The AGW transcription reads exp/test_id.txt: swap the val and test lists, then compare.
+  exp = os.path.join(tree, "exp")
+  for name, ids in (("test", VAL), ("val", TEST)):
+    with open(os.path.join(exp, f"{name}_id.txt"), "w") as f:
+      f.write(",".join(str(i) for i in ids) + "\n")
+  assert _triples(query) == _agw_query(tree) and {r.pid for r in query} <= set(VAL)
+  for t, gallery in galleries.items():
+    assert _triples(gallery) == _agw_gallery(tree, "all", t, 1)
+
+
+def test_val_split_errors(tree):
+  with pytest.raises(ValueError, match="split must be one of"):
+    sysu_mm01.query_set(tree, "all", split="train")
+  with pytest.raises(ValueError, match="official rand_perm_cam.mat galleries cover the test ids only"):
+    sysu_mm01.gallery_set(tree, "all", 0, source="official", split="val")

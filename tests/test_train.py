@@ -11,22 +11,26 @@ import numpy as np
 import pytest
 
 from configs import synthetic as synthetic_config
-from data_pipelines import synthetic
+from data_pipelines import input_pipeline, synthetic
 from eees_jax import sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TINY_SET = dict(num_ids=16, images_per_camera=2, height=32, width=16, seed=3, val_fraction=0.2)
+
+
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("synthetic"))
-  synthetic.generate(root, num_ids=16, images_per_camera=2, height=32, width=16, seed=3)
+  synthetic.generate(root, **TINY_SET)
   return root
 
 
 def tiny_config(root, **train_kw):
   c = synthetic_config.get_config()
   c.dataset.root = root
+  c.dataset.generate.update(TINY_SET)
   c.input.update(height=32, width=16, P=4, K=2, eval_batch_size=16)
   c.input.aug.pad = 2
   c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
@@ -41,7 +45,7 @@ def tiny_config(root, **train_kw):
 
 
 def _first_batch(exp):
-  it = train.input_pipeline.train_dataset(
+  it = input_pipeline.train_dataset(
       exp.train_set, P=exp.config.input.P, K=exp.config.input.K, height=exp.config.input.height,
       width=exp.config.input.width, seed=exp.config.seed, start_step=0, num_steps=1,
       process_index=0, process_count=1, aug=exp.config.input.aug, threads=None,
@@ -138,7 +142,8 @@ def test_non_finite_loss_stops_with_the_term_and_step(tiny_root, tmp_path):
 def test_main_end_to_end_writes_checkpoint_and_report(tiny_root, tmp_path):
   workdir = tmp_path / "run"
   overrides = {
-      "dataset.root": tiny_root, "input.height": 32, "input.width": 16, "input.P": 4, "input.K": 2,
+      "dataset.root": tiny_root, **{f"dataset.generate.{k}": v for k, v in TINY_SET.items()},
+      "input.height": 32, "input.width": 16, "input.P": 4, "input.K": 2,
       "input.eval_batch_size": 16, "input.aug.pad": 2, "model.vision.width": 8,
       "model.vision.output_dim": 32, "model.vision.heads": 2, "model.text.width": 32,
       "model.text.heads": 2, "model.text.layers": 1, "model.text.embed_dim": 32,

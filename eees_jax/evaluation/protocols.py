@@ -172,7 +172,8 @@ def sysu_setting_name(mode: str, shots: int) -> str:
 def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES,
                   shots: Sequence[int] = (1,), trials: int | Sequence[int] = 10,
                   max_rank: int = 20, gallery_source: str = "random",
-                  chunk_size: int | None = None, rerank: dict | None = None) -> dict:
+                  chunk_size: int | None = None, rerank: dict | None = None,
+                  split: str = "test") -> dict:
   """SYSU-MM01: infrared queries (cameras 3, 6) against per-trial visible galleries.
 
   For each mode ("all": cameras 1, 2, 4, 5; "indoor": 1, 2) and shots (1 single-shot, 10
@@ -181,6 +182,7 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
   features once for the union of all draws; each trial selects its rows by path. Scored with the
   AGW eval_sysu rules (camera-3 queries ignore camera 2; unique-identity CMC).
   rerank: None, or k-reciprocal options {"k1", "k2", "lambda_value"} (adds re-ranked settings).
+  split: "test" (the protocol), or "val" to score held-out training identities while tuning.
   """
   from data_pipelines import sysu_mm01
   trial_ids = _trial_list(trials)
@@ -191,8 +193,8 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
     if int(s) < 1:
       raise ValueError(f"shots must be >= 1, got {s}")
   extra = {} if gallery_source == "random" else {"source": gallery_source}
-  queries = {mode: sysu_mm01.query_set(root, mode) for mode in modes}
-  galleries = {(mode, s, t): sysu_mm01.gallery_set(root, mode, t, shots=s, **extra)
+  queries = {mode: sysu_mm01.query_set(root, mode, split=split) for mode in modes}
+  galleries = {(mode, s, t): sysu_mm01.gallery_set(root, mode, t, shots=s, split=split, **extra)
                for mode in modes for s in shots for t in trial_ids}
   for what, lists in (("query", queries), ("gallery", galleries)):
     for key, recs in lists.items():
