@@ -32,11 +32,14 @@ def get_config():
   c.model.init.checkpoint = ""
   c.text.trainable = True
 
-  c.optim.lr = 1e-3
-  # Sized for `make demo` (<= 10 min on 2 CPU cores): about 1.2 s per 96-image step there.
+  # Tuned on the holdout split (train on 56 train ids, score the 24 val ids; never the test ids),
+  # full EEES, seed 0, mAP all-search: lr 1e-3 / 9 epochs 9.7; lr 3e-3 / 9 epochs 13.8;
+  # lr 3e-3 / 18 epochs 20.4-22.1 (at 64x32 17.4, at 80x40 20.6). Runs in README "Results".
+  # 18 epochs is what `make demo` affords in 10 minutes on 2 CPU cores.
+  c.optim.lr = 3e-3
   c.optim.warmup_epochs = 1
-  c.optim.milestones = (7,)
-  c.train.epochs = 9
+  c.optim.milestones = (14,)
+  c.train.epochs = 18
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 200
   c.train.eval_every_epochs = 0   # only at the end: the demo's time budget

@@ -116,8 +116,8 @@ def main(argv):
       row, seed = todo[done]
       results[row][seed] = done.result()
       head = results[row][seed]["settings"][SETTINGS[0]]["mean"]
-      print(f"[{i}/{len(jobs)}] {row} seed {seed}: Rank-1 {head['rank1'] * 100:.2f} "
-            f"mAP {head['mAP'] * 100:.2f} ({time.time() - start:.0f} s)", flush=True)
+      print(f"[{i}/{len(jobs)}] {row} seed {seed}: Rank-1 {head['rank1']:.2f} "
+            f"mAP {head['mAP']:.2f} ({time.time() - start:.0f} s)", flush=True)
   table = summarise(results)
   what = "held-out val ids (tuning, not a test result)" if _HOLDOUT.value else "test ids"
   title = f"Ablation on {_CONFIG.value}, {what}" + (f", {' '.join(_SET.value)}" if _SET.value else "")
