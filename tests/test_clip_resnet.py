@@ -235,3 +235,69 @@ def test_bfloat16_compute_close_to_float32(small):
   out = jax.jit(tower.apply)(weights.vision_variables(), x)
   assert out["pooled"].dtype == jnp.bfloat16 and out["map"].dtype == jnp.bfloat16
   assert rel_err(out["pooled"].astype(jnp.float32), ref["pooled"]) < 5e-2
+
+
+@pytest.mark.parametrize("stride,pad", [(1, 0), (2, 0), (2, 1)])
+def test_conv2d_1x1_matmul_matches_lax_conv(stride, pad):
+  """The matmul form of a 1x1 convolution against lax.conv_general_dilated, values and gradients."""
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randn(2, 7, 6, 5).astype(np.float32))
+  k = jnp.asarray(rng.randn(1, 1, 5, 3).astype(np.float32))
+  padding = ((pad, pad), (pad, pad))
+
+  def ref(x, k):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  got = L.conv2d(x, k, (stride, stride), padding)
+  want = ref(x, k)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.randn(*want.shape).astype(np.float32))
+  g_got = jax.grad(lambda x, k: jnp.sum(L.conv2d(x, k, (stride, stride), padding) * cot),
+                   argnums=(0, 1))(x, k)
+  g_want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * cot), argnums=(0, 1))(x, k)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_modality_counts_matches_whole_batch_stems():
+  """Stems on their own slices (static layout) against stems on the whole batch with masked BN:
+  same outputs, running statistics and gradients in training, also with an absent modality."""
+  tower = ModifiedResNet(layers=(1, 1, 1, 1), width=8, output_dim=16, heads=4, pos_grid=1)
+  rng = np.random.RandomState(5)
+  x = jnp.asarray(rng.randn(5, 32, 32, 3).astype(np.float32))
+  v = tower.init(jax.random.key(0), x, jnp.zeros(5, jnp.int32))
+  # Distinct stems and non-zero residual branches, so a wrong stem or slice shows.
+  params = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.randn(*a.shape), a.dtype), v["params"])
+
+  def run(modality, counts):
+    def loss(p):
+      out, upd = tower.apply({"params": p, "batch_stats": v["batch_stats"]}, x, modality,
+                             train=True, modality_counts=counts, mutable=["batch_stats"])
+      return jnp.sum(out["pooled"] ** 2) + jnp.sum(out["map"] ** 2), (out, upd)
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  modality = jnp.asarray([0, 0, 0, 1, 1], jnp.int32)
+  g_ref, (out_ref, upd_ref) = run(modality, None)
+  g, (out, upd) = run(modality, (3, 2))
+  assert rel_err(out["map"], out_ref["map"]) < 1e-5
+  assert rel_err(out["pooled"], out_ref["pooled"]) < 1e-5
+  for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g["stem"]), jax.tree.leaves(g_ref["stem"])):
+    assert rel_err(a, b) < 1e-4
+  assert rel_err(g["layer1_0"]["conv1"]["kernel"], g_ref["layer1_0"]["conv1"]["kernel"]) < 1e-4
+  # Infrared only: the visible stem is skipped and its running statistics stay as they were.
+  ir = jnp.ones(5, jnp.int32)
+  apply = jax.jit(lambda m, c: tower.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                           m, train=True, modality_counts=c,
+                                           mutable=["batch_stats"]), static_argnums=1)
+  (out_ref, upd_ref), (out, upd) = apply(ir, None), apply(ir, (0, 5))
+  assert rel_err(out["pooled"], out_ref["pooled"]) < 1e-5
+  for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(upd["batch_stats"]["stem"]["bn1"]["mean"][0],
+                                v["batch_stats"]["stem"]["bn1"]["mean"][0])
+  with pytest.raises(ValueError, match="modality_counts"):
+    tower.apply(v, x, modality, modality_counts=(4, 2))

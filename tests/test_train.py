@@ -78,7 +78,13 @@ def test_sharded_step_equals_single_device(tiny_root, tmp_path):
   assert m1["loss/total"] > 0
   flat1 = jax.tree_util.tree_leaves_with_path(s1.params)
   flat8 = dict(jax.tree_util.tree_leaves_with_path(s8.params))
+  lr0 = tiny_config(tiny_root).optim.lr * 0.01  # the first step's rate (warm-up from 1%)
   for path, leaf in flat1:
+    if "k_proj" in str(path) and "bias" in str(path):
+      # Attention is invariant to the key bias, so its gradient is rounding noise, which Adam
+      # scales to about +-lr on either mesh: only the size of that move is comparable.
+      assert np.abs(flat8[path] - leaf).max() <= 2.5 * lr0, str(path)
+      continue
     np.testing.assert_allclose(flat8[path], leaf, rtol=2e-3, atol=2e-5, err_msg=str(path))
   # BatchNorm running statistics are over the global batch on both meshes.
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.batch_stats),
@@ -106,7 +112,7 @@ def test_kill_and_resume_ends_with_the_uninterrupted_parameters(tiny_root, tmp_p
 
   # Killed while fetching the batch of step 5 (after the checkpoint of step 4), mid-epoch ...
   interrupted = str(tmp_path / "interrupted")
-  real_dataset = train.input_pipeline.train_dataset
+  real_dataset = input_pipeline.train_dataset
 
   def dying_dataset(*args, **kwargs):
     for i, batch in enumerate(real_dataset(*args, **kwargs)):
@@ -114,10 +120,10 @@ def test_kill_and_resume_ends_with_the_uninterrupted_parameters(tiny_root, tmp_p
         raise KeyboardInterrupt("simulated kill")
       yield batch
 
-  monkeypatch.setattr(train.input_pipeline, "train_dataset", dying_dataset)
+  monkeypatch.setattr(input_pipeline, "train_dataset", dying_dataset)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(tiny_config(tiny_root, max_steps=7), interrupted)
-  monkeypatch.setattr(train.input_pipeline, "train_dataset", real_dataset)
+  monkeypatch.setattr(input_pipeline, "train_dataset", real_dataset)
   steps = sorted(int(p) for p in os.listdir(os.path.join(interrupted, "checkpoints")) if p.isdigit())
   assert steps[-1] == 4
   # ... and run the same command again.

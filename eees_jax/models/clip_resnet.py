@@ -8,14 +8,23 @@ positional embedding, whose query is the mean token.
 Additions for visible-infrared re-identification:
 - num_modalities copies of the stem (conv1..bn3 + avgpool), stacked on a leading axis of every stem
   variable ([M, ...]) and initialised identically; layer1..layer4 and attnpool are shared. Each
-  sample goes through the stem of its modality. Every stem runs on the whole batch and the output
-  is gathered per sample: the stem is about 4% of RN50's FLOPs, so two stems cost ~4% extra, and
-  shapes stay static. In training each stem's BatchNorm uses only its own modality's samples.
+  sample goes through the stem of its modality. By default every stem runs on the whole batch and
+  the output is selected per sample (shapes stay static; in training each stem's BatchNorm uses
+  only its own modality's samples). The stem is ~4% of RN50's forward FLOPs but, at 4x the
+  resolution of layer1 with few channels, ~10-20% of a CPU train step, so a caller whose batch is
+  sorted by modality with static counts passes modality_counts and each stem runs on its own
+  samples only (same results).
 - last_stride: stride of layer4 (1 gives an 18x9 map for a 288x144 input).
 - The attention pool's positional embedding is stored at CLIP's grid (7x7 + 1 for 224 input) and
   resized at call time to the feature grid (torch-compatible bicubic or bilinear); unchanged grids
   use it as is.
-- The attention pool computes only the mean token's query (CLIP discards the other outputs).
+- The attention pool computes only the mean token's query (CLIP discards the other outputs), and
+  folds the key and value projections into the query and the attention-weighted token mean
+  (the same products, reassociated), so keys and values of the hw+1 tokens are never formed:
+  2 x (hw+1) x C^2 multiply-adds per image become ~2 x C^2 (2.7 of RN50's 16 forward GFLOP at
+  288x144 with last stride 1).
+- 1x1 convolutions run as matmuls over channels (layers.Conv / conv2d), which XLA:CPU executes
+  3-4x faster than its 1x1 convolution path, forward and backward; variables are unchanged.
 
 Variables (names mirror clip/model.py; weights.py converts OpenAI / open_clip state dicts):
   params/stem/{conv1,conv2,conv3}/kernel [M,3,3,in,out]; params/stem/{bn1,bn2,bn3}/{scale,bias} [M,C]
@@ -33,6 +42,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eees_jax.models import layers as L
 
@@ -46,8 +56,14 @@ def _avg_pool(x: jax.Array, s: int) -> jax.Array:
 
 
 class ResNetStem(nn.Module):
-  """conv1 (3x3 s2) -> bn1 -> relu -> conv2 -> bn2 -> relu -> conv3 -> bn3 -> relu -> avgpool 2."""
+  """num_modalities stems, each conv1 (3x3 s2) -> bn1 -> relu -> conv2 -> bn2 -> relu -> conv3 ->
+  bn3 -> relu -> avgpool 2, with variables stacked on a leading [M] axis.
+
+  Each stem is its own (ungrouped) convolution chain: nn.vmap over the stems would turn conv2 and
+  conv3 into grouped convolutions, whose backward pass XLA:CPU runs ~10x slower than ungrouped.
+  """
   width: int
+  num_modalities: int
   train: bool
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
@@ -55,22 +71,42 @@ class ResNetStem(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x: [B, H, W, 3]; mask: [B] bool (samples of this stem's modality, for BN statistics).
-    Returns [B, H/4, W/4, width]."""
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                             kernel_init=L.torch_default_init, dtype=self.dtype,
+  def __call__(self, x: jax.Array, modality: jax.Array | None,
+               modality_counts: Sequence[int] | None = None) -> jax.Array:
+    """x: [B, H, W, 3]; modality: [B] int32 (None allowed with one stem). Returns
+    [B, H/4, W/4, width], each sample through the stem of its modality.
+
+    Without modality_counts every stem runs on the whole batch (BN statistics over its own
+    modality's samples) and the output is selected per sample. With modality_counts (static ints,
+    the batch holds counts[0] samples of modality 0, then counts[1] of modality 1, ...) each stem
+    runs on its own slice only: the same result for half the stem work.
+    """
+    conv = functools.partial(L.StackedConv, self.num_modalities, kernel_size=(3, 3),
+                             padding=((1, 1), (1, 1)), dtype=self.dtype,
                              param_dtype=self.param_dtype)
     bn = functools.partial(L.MaskedBatchNorm, use_running_average=not self.train,
                            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-                           param_dtype=self.param_dtype)
-    x = conv(self.width // 2, strides=(2, 2), name="conv1")(x)
-    x = nn.relu(bn(name="bn1")(x, mask))
-    x = conv(self.width // 2, name="conv2")(x)
-    x = nn.relu(bn(name="bn2")(x, mask))
-    x = conv(self.width, name="conv3")(x)
-    x = nn.relu(bn(name="bn3")(x, mask))
-    return _avg_pool(x, 2)
+                           param_dtype=self.param_dtype, num=self.num_modalities)
+    layers = [(conv(self.width // 2, strides=(2, 2), name="conv1"), bn(name="bn1")),
+              (conv(self.width // 2, name="conv2"), bn(name="bn2")),
+              (conv(self.width, name="conv3"), bn(name="bn3"))]
+
+    def stem(h, m, mask):
+      for conv_m, bn_m in layers:
+        h = nn.relu(bn_m(conv_m(h, m), mask, m))
+      return _avg_pool(h, 2)
+
+    if modality_counts is None:
+      masks = L.modality_masks(modality, self.num_modalities, x.shape[0])
+      outs = [stem(x, m, masks[m]) for m in range(self.num_modalities)]
+      return L.select_modality(jnp.stack(outs), modality)
+    counts = tuple(int(c) for c in modality_counts)
+    if len(counts) != self.num_modalities or sum(counts) != x.shape[0] or min(counts) < 0:
+      raise ValueError(f"modality_counts {counts} must give {self.num_modalities} non-negative "
+                       f"counts summing to the batch size {x.shape[0]}")
+    starts = np.cumsum((0,) + counts)
+    return jnp.concatenate([stem(x[starts[m]:starts[m + 1]], m, None)
+                            for m in range(self.num_modalities) if counts[m]])
 
 
 class Bottleneck(nn.Module):
@@ -86,8 +122,7 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, 4*planes]."""
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=L.torch_default_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(L.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
     bn = functools.partial(nn.BatchNorm, use_running_average=not self.train,
                            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                            param_dtype=self.param_dtype)
@@ -134,13 +169,45 @@ class AttentionPool2d(nn.Module):
     seq = jnp.concatenate([mean, tokens], axis=1) + pos.astype(self.dtype)  # [B, hw+1, C]
     dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(c ** -0.5),
                               dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = functools.partial(DenseParams, c, kernel_init=nn.initializers.normal(c ** -0.5),
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     q = dense(c, name="q_proj")(seq[:, 0]).reshape(b, self.heads, head_dim)
-    k = dense(c, name="k_proj")(seq).reshape(b, h * w + 1, self.heads, head_dim)
-    v = dense(c, name="v_proj")(seq).reshape(b, h * w + 1, self.heads, head_dim)
-    logits = jnp.einsum("bnd,btnd->bnt", q, k, preferred_element_type=jnp.float32)
+    wk, bk = proj(name="k_proj")()
+    wv, bv = proj(name="v_proj")()
+    wk = wk.reshape(c, self.heads, head_dim)
+    wv = wv.reshape(c, self.heads, head_dim)
+    # logits[b,n,t] = q[b,n] . (seq[b,t] @ Wk_n + bk_n) = seq[b,t] . (Wk_n q[b,n]) + bk_n . q[b,n]:
+    # the keys are never formed (hw+1 tokens x C x C multiply-adds become C x C per image).
+    qk = jnp.einsum("bnd,cnd->bnc", q, wk)
+    q_bias = jnp.einsum("bnd,nd->bn", q, bk.reshape(self.heads, head_dim),
+                        preferred_element_type=jnp.float32)
+    logits = (jnp.einsum("btc,bnc->bnt", seq, qk, preferred_element_type=jnp.float32)
+              + q_bias[:, :, None])
     probs = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bnt,btnd->bnd", probs, v).reshape(b, c)
+    # sum_t p[b,n,t] (seq[b,t] @ Wv_n + bv_n) = (sum_t p[b,n,t] seq[b,t]) @ Wv_n + bv_n, as the
+    # probabilities sum to 1: the values are never formed either.
+    ctx = jnp.einsum("bnt,btc->bnc", probs, seq)
+    out = (jnp.einsum("bnc,cnd->bnd", ctx, wv) + bv.reshape(self.heads, head_dim)).reshape(b, c)
     return dense(self.output_dim, name="c_proj")(out)
+
+
+class DenseParams(nn.Module):
+  """The variables of nn.Dense(features) (params kernel [in, features], bias [features]) with
+  nn.Dense's initialisation, returned in dtype for a caller that applies them in another order."""
+  features: int
+  in_features: int | None = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    """Returns kernel [in_features, features] and bias [features] (in_features defaults to
+    features)."""
+    fan_in = self.features if self.in_features is None else self.in_features
+    kernel = self.param("kernel", self.kernel_init, (fan_in, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    return kernel.astype(self.dtype), bias.astype(self.dtype)
 
 
 class ModifiedResNet(nn.Module):
@@ -164,10 +231,13 @@ class ModifiedResNet(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, modality: jax.Array | None = None,
-               train: bool = False) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False,
+               modality_counts: Sequence[int] | None = None) -> dict[str, jax.Array]:
     """x: [B, H, W, 3] float, already normalised; modality: [B] int32 in [0, num_modalities)
-    (0 visible, 1 infrared; may be None when num_modalities == 1).
+    (0 visible, 1 infrared; may be None when num_modalities == 1). modality_counts: optional
+    static layout promise (the batch is sorted by modality, counts[m] samples of modality m, as the
+    trainer's V, Vc, R batches are): each stem then runs on its own samples only (see ResNetStem);
+    results are the same as without it for a batch that keeps the promise.
 
     Returns {'map': [B, h, w, 32*width] layer4 output, 'pooled': [B, output_dim]}, in dtype.
     """
@@ -176,14 +246,9 @@ class ModifiedResNet(nn.Module):
     if self.last_stride not in (1, 2):
       raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
     x = jnp.asarray(x, self.dtype)
-    masks = L.modality_masks(modality, self.num_modalities, x.shape[0])
-    stems = nn.vmap(ResNetStem, variable_axes={"params": 0, "batch_stats": 0},
-                    split_rngs={"params": False}, in_axes=(None, 0), out_axes=0,
-                    axis_size=self.num_modalities)
-    stacked = stems(self.width, train=train, bn_momentum=self.bn_momentum,
-                    bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="stem")(x, masks)
-    x = L.select_modality(stacked, modality)
+    x = ResNetStem(self.width, self.num_modalities, train=train, bn_momentum=self.bn_momentum,
+                   bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="stem")(x, modality, modality_counts)
 
     block = functools.partial(Bottleneck, train=train, bn_momentum=self.bn_momentum,
                               bn_epsilon=self.bn_epsilon, dtype=self.dtype,

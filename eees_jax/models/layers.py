@@ -108,6 +108,81 @@ def resize_token_pos_embed(pos: jax.Array, grid_hw: tuple[int, int], stored_grid
   return jnp.concatenate([pos[:1], grid], axis=0)
 
 
+# --- convolution -------------------------------------------------------------------------------
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
+           padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+  """NHWC convolution, x [B, H, W, Cin] * kernel [kh, kw, Cin, Cout] -> [B, H', W', Cout].
+
+  A 1x1 kernel is computed as a matmul over the channel axis (stride by slicing): XLA:CPU runs dots
+  through its fast matmul path but 1x1 convolutions through its convolution path, 2-4x slower
+  forward and slower still backward, where the kernel gradient becomes a convolution over the whole
+  feature map behind large transposes. Other kernels use lax.conv_general_dilated (on CPU faster
+  than im2col or per-tap matmul formulations, measured in bench/profile_train_step.py).
+  """
+  if kernel.shape[:2] == (1, 1):
+    if any(p != (0, 0) for p in padding):
+      x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    if strides != (1, 1):
+      x = x[:, ::strides[0], ::strides[1]]
+    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nn.Module):
+  """Bias-free NHWC convolution with flax.linen.Conv's variable (params/kernel [kh, kw, Cin, Cout])
+  and initialisation, computed by conv2d; a drop-in for nn.Conv(use_bias=False) without groups or
+  dilation, so checkpoints and weight conversion see the same tree."""
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+  kernel_init: Callable = torch_default_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, Cin] -> [B, H', W', features] in dtype."""
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides),
+                  tuple(self.padding))
+
+
+def stacked_init(init: Callable, num: int) -> Callable:
+  """An initialiser of a [num, *shape] variable holding `num` identical copies of init(key, shape)
+  (what nn.vmap(..., split_rngs={'params': False}) creates for modality-specific modules)."""
+  def f(key, shape, dtype=jnp.float32):
+    if shape[0] != num:
+      raise ValueError(f"stacked variable shape {shape} does not start with {num}")
+    return jnp.broadcast_to(init(key, shape[1:], dtype), shape)
+  return f
+
+
+class StackedConv(nn.Module):
+  """`num` bias-free convolutions stored as one kernel [num, kh, kw, Cin, Cout]; call with the index
+  of the copy to apply. Each copy is a separate (ungrouped) convolution: a vmapped nn.Conv becomes a
+  grouped convolution, whose backward pass XLA:CPU runs far slower."""
+  num: int
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+  kernel_init: Callable = torch_default_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, index: int) -> jax.Array:
+    """x: [B, H, W, Cin]; index: static int in [0, num). Returns [B, H', W', features]."""
+    kernel = self.param("kernel", stacked_init(self.kernel_init, self.num),
+                        (self.num, *self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    return conv2d(x.astype(self.dtype), kernel[index].astype(self.dtype), tuple(self.strides),
+                  tuple(self.padding))
+
+
 # --- normalisation -------------------------------------------------------------------------------------
 
 class MaskedBatchNorm(nn.Module):
@@ -120,6 +195,9 @@ class MaskedBatchNorm(nn.Module):
   NaN-free. Variables are named like flax.linen.BatchNorm's (params scale/bias, batch_stats
   mean/var); momentum 0.9 and epsilon 1e-5 are torch's BatchNorm2d defaults (torch momentum 0.1).
   The variance is the biased one, as in flax.linen.BatchNorm.
+
+  With `num` set, every variable holds `num` independent copies stacked on a leading axis ([num, C],
+  initialised identically) and each call names the copy it uses and updates (`index`).
   """
   use_running_average: bool
   momentum: float = 0.9
@@ -127,17 +205,26 @@ class MaskedBatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   scale_init: Callable = nn.initializers.ones
+  num: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x: [B, H, W, C]; mask: [B] bool or None (all samples). Returns [B, H, W, C] in dtype."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               index: int | None = None) -> jax.Array:
+    """x: [B, H, W, C]; mask: [B] bool or None (all samples); index: static int in [0, num), given
+    exactly when num is set. Returns [B, H, W, C] in dtype."""
+    if (self.num is None) != (index is None):
+      raise ValueError(f"index ({index}) must be given exactly when num ({self.num}) is set")
     c = x.shape[-1]
-    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if self.num is None:
+      shape, wrap, pick = (c,), (lambda f: f), (lambda a: a)
+    else:
+      shape, wrap, pick = (self.num, c), (lambda f: stacked_init(f, self.num)), (lambda a: a[index])
+    scale = pick(self.param("scale", wrap(self.scale_init), shape, self.param_dtype))
+    bias = pick(self.param("bias", wrap(nn.initializers.zeros), shape, self.param_dtype))
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
+      mean, var = pick(ra_mean.value), pick(ra_var.value)
     else:
       xf = x.astype(jnp.float32)
       if mask is None:
@@ -151,8 +238,13 @@ class MaskedBatchNorm(nn.Module):
       if not self.is_initializing():
         present = count > 0
         m = self.momentum
-        ra_mean.value = jnp.where(present, m * ra_mean.value + (1 - m) * mean, ra_mean.value)
-        ra_var.value = jnp.where(present, m * ra_var.value + (1 - m) * var, ra_var.value)
+
+        def update(old, new):
+          new = jnp.where(present, m * pick(old) + (1 - m) * new, pick(old))
+          return new if self.num is None else jnp.asarray(old).at[index].set(new)
+
+        ra_mean.value = update(ra_mean.value, mean)
+        ra_var.value = update(ra_var.value, var)
     mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
     y = (x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)
     return y.astype(self.dtype)
@@ -264,7 +356,13 @@ def select_modality(stacked: jax.Array, modality: jax.Array | None) -> jax.Array
     raise ValueError(f"modality must have shape ({b},), got {modality.shape}")
   if m == 1:
     return stacked[0]
-  return stacked[modality, jnp.arange(b)]
+  # A chain of selects (clamped like a gather would be): its gradient is a select too, where the
+  # gather's is a scatter-add.
+  modality = jnp.clip(modality, 0, m - 1).reshape((b,) + (1,) * (stacked.ndim - 2))
+  out = stacked[0]
+  for i in range(1, m):
+    out = jnp.where(modality == i, stacked[i], out)
+  return out
 
 
 def modality_masks(modality: jax.Array | None, num_modalities: int, batch: int) -> jax.Array:
