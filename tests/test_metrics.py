@@ -89,9 +89,14 @@ def _assert_same(got: dict, want: dict, rtol: float = 1e-12) -> None:
     np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=1e-12, err_msg=k)
 
 
-@pytest.fixture(params=["fast", "exact"])
+@pytest.fixture(params=["fast", "coarse", "exact"])
 def sort_path(request, monkeypatch):
-  """Runs a test with the 32-bit fast ranking path (default) and with the 64-bit exact one only."""
+  """Runs a test with the 32-bit fast ranking path (default); with that path quantising to at
+  most 16 levels, so that most true matches share a level with a neighbour (their rows are ranked
+  again exactly) and the other rows keep images of one level in index order; and with the 64-bit
+  exact path only."""
+  if request.param == "coarse":
+    monkeypatch.setattr(metrics, "_MAX_LEVEL_BITS", 4)
   if request.param == "exact":
     monkeypatch.setattr(metrics, "_MIN_LEVEL_BITS", 99)
   return request.param
@@ -226,6 +231,61 @@ def test_values_one_ulp_apart_with_removals_match_oracle(protocol, sort_path):
   _assert_same(got, agw_loop_oracle(dist, q_pids, g_pids, q_cams, g_cams, protocol))
 
 
+@pytest.mark.parametrize("protocol", ["sysu", "regdb", "llcm"])
+@pytest.mark.parametrize("base", [0.6, 3e5, -2.0])
+def test_near_constant_distances_match_oracle(protocol, base, sort_path):
+  # Every distance within 3 ulps of `base`: the span is tiny against |base|, where quantising
+  # x * scale + (bias - lowest * scale) in float32 would lose the bias (lowest * scale >> 2**24).
+  rng = np.random.default_rng(int(base) + 7)
+  b = np.float32(base)
+  dist = (b + rng.integers(-3, 4, size=(30, 70)) * np.spacing(b)).astype(np.float32)
+  dist[-1] = b  # a row of equal distances
+  q_pids, g_pids = rng.integers(0, 6, 30), rng.integers(0, 6, 70)  # gallery not grouped
+  q_cams, g_cams = rng.choice([3, 6, 1], 30), rng.choice([1, 2, 4, 5, 3], 70)
+  q_pids[0], q_cams[0], g_pids[0], g_cams[0] = 1, 1, 1, 4
+  got = metrics.evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol)
+  _assert_same(got, agw_loop_oracle(dist, q_pids, g_pids, q_cams, g_cams, protocol))
+
+
+@pytest.mark.parametrize("protocol", ["sysu", "llcm"])
+def test_extreme_values_match_oracle(protocol, sort_path):
+  # Signed zeros, subnormals and values near the float32 limits in one matrix.
+  vals = np.array([-3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 1.0, 3e38], np.float32)
+  rng = np.random.default_rng(11)
+  dist = vals[rng.integers(0, len(vals), size=(25, 40))]
+  dist[:3] = vals[rng.integers(3, 6, size=(3, 40))]  # rows spanning a few subnormals only
+  q_pids, g_pids = rng.integers(0, 5, 25), np.sort(rng.integers(0, 5, 40))
+  q_cams, g_cams = rng.choice([3, 6], 25), rng.choice([1, 2, 4, 5], 40)
+  q_pids[0], g_pids[0], g_cams[0] = g_pids[0], g_pids[0], 1
+  for chunk in (None, 1, 3):
+    got = metrics.evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol,
+                           chunk_size=chunk)
+    _assert_same(got, agw_loop_oracle(dist, q_pids, g_pids, q_cams, g_cams, protocol))
+
+
+@pytest.mark.parametrize("lo,hi", [(0.61, 1.3), (-1.0, 1.0), (0.6, 0.6000004), (-3e38, 3e38),
+                                   (2.0, 2.0), (1e5, 1e5 + 0.1)])
+def test_quantise_is_monotone_and_in_range(lo, hi):
+  # The fast path's keys need z = bias + level with 0 <= level <= top - 1 (one exponent) and
+  # z non-decreasing in the distance.
+  top = (1 << 22) - 1
+  x = np.sort(np.concatenate([np.linspace(lo, hi, 5000, dtype=np.float32),
+                              np.float32([lo, hi]), np.nextafter(np.float32([lo, hi]), 0)]))
+  x = x[(x >= np.float32(lo)) & (x <= np.float32(hi))][None, :]
+  z = metrics._quantise(x, float(x.min()), float(x.max()), top)[0].astype(np.float64)
+  level = z - float(metrics._ROUNDING_BIAS)
+  assert level.min() == 0 and level.max() <= top - 1
+  np.testing.assert_array_equal(level, np.round(level))
+  assert np.all(np.diff(level) >= 0)
+  if hi - lo > 0.5:  # a wide span uses (nearly) all levels
+    assert level.max() >= top - 3
+
+
+def test_quantise_refuses_a_subnormal_span():
+  x = np.float32([[0.0, 1e-45, 3e-45]])
+  assert metrics._quantise(x, 0.0, float(x.max()), (1 << 22) - 1) is None
+
+
 def test_sysu_camera_layout_matches_oracle():
   # SYSU-like: infrared queries from cameras 3/6, visible gallery from cameras 1/2/4/5, several
   # images per identity and camera, many ties.
@@ -281,6 +341,17 @@ def test_distance_helpers_against_formulas():
   np.testing.assert_allclose(metrics.pairwise_distance(q, g, "sqeuclidean"), euc**2, atol=1e-4)
   assert metrics.cosine_distance(q, g).dtype == np.float32
   assert np.all(np.isfinite(metrics.cosine_distance(np.zeros((1, 5)), g)))  # zero rows stay finite
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided"])
+def test_non_contiguous_distance_matrix_matches_oracle(layout, sort_path):
+  rng = np.random.default_rng(21)
+  dist = rng.random((50, 80)).astype(np.float32)
+  dist = np.asfortranarray(dist[:, :40]) if layout == "fortran" else dist[:, ::2]
+  q_pids, g_pids = rng.integers(0, 5, 50), rng.integers(0, 5, 40)
+  q_cams, g_cams = rng.choice([3, 6], 50), rng.choice([1, 2, 4, 5], 40)
+  got = metrics.evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol="sysu")
+  _assert_same(got, agw_loop_oracle(dist, q_pids, g_pids, q_cams, g_cams, "sysu"))
 
 
 def test_memmap_input(tmp_path):

@@ -32,13 +32,15 @@ Conventions where AGW's code is undefined or implementation-dependent:
 
 How it is computed (per block of query rows; no loop over queries):
   1. Rank every row once with a row-wise NumPy sort of unique integer keys whose order is the
-     stable order: for float32 distances and galleries up to 4096 images, 32-bit keys
-     (quantised distance << b | gallery index), where rows in which two neighbours share a
-     quantisation level but differ in distance are re-ranked with 64-bit keys (float bits << 32 |
-     gallery index); other dtypes use a stable argsort. Removed images are keyed last.
-  2. True matches: positions where the ranked gallery index belongs to the query's identity
-     (a range of indices when the gallery is grouped by identity); AP, INP and the first-match rank
-     follow from those positions with bincount/cumsum arithmetic.
+     stable order. Fast path (float32/float16 distances, galleries up to 4096 images): 32-bit keys
+     (quantised distance << b | gallery index, removed images at the top level), then a binary
+     search of each kept true match's key in its sorted row gives its rank; the quantisation is
+     monotone, so only rows where a true match shares its level with a ranked neighbour can be
+     misranked, and those rows are ranked again exactly. Exact path (the rest, and those rows):
+     64-bit keys (float bits << 32 | gallery index) or, for other dtypes, a stable argsort; the
+     true matches are the ranked positions whose gallery index belongs to the query's identity.
+  2. AP, INP and the first-match rank follow from the ranks of the true matches with
+     bincount/cumsum arithmetic.
   3. Unique-identity rank = number of distinct identities ranked before the first true match, capped
      at max_rank: a small row-wise sort of the identity codes of the first max(2 max_rank, 32)
      ranks, the whole list only for rows that window cannot decide.
@@ -124,37 +126,62 @@ def _make_gallery(g_pids: np.ndarray, g_camids: np.ndarray | None) -> _Gallery:
                   grouped=bool(np.array_equal(perm, np.arange(len(g_pids)))))
 
 
-def _removed(protocol: str, q_codes: np.ndarray, q_cams: np.ndarray | None,
-             gal: _Gallery) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray] | None:
-  """Gallery images each query of a block ignores: (an index into the [B, G] block, [B] count per
-  query), or None when there are none."""
+@dataclasses.dataclass(frozen=True)
+class _Removal:
+  """Gallery images the queries of a block ignore under the protocol's rule.
+
+  grid (sysu): every column of `cols` for each row of `rows`; otherwise (llcm) the pairs
+  (rows[k], cols[k]). count: [B] images removed from each query's list.
+  """
+  rows: np.ndarray
+  cols: np.ndarray
+  grid: bool
+  count: np.ndarray
+
+  def index(self) -> tuple[np.ndarray, np.ndarray]:
+    """An index selecting the removed entries of the [B, G] block."""
+    return np.ix_(self.rows, self.cols) if self.grid else (self.rows, self.cols)
+
+  def of_rows(self, rows: np.ndarray) -> _Removal | None:
+    """The removal of the block rows `rows`, renumbered 0..len(rows)-1 (None if nothing is left)."""
+    where = np.full(len(self.count), -1)
+    where[rows] = np.arange(len(rows))
+    new = where[self.rows]
+    keep = new >= 0
+    if not keep.any():
+      return None
+    return _Removal(new[keep], self.cols if self.grid else self.cols[keep], self.grid,
+                    self.count[rows])
+
+
+def _matches(protocol: str, q_codes: np.ndarray, q_cams: np.ndarray | None, gal: _Gallery
+             ) -> tuple[np.ndarray, np.ndarray, _Removal | None]:
+  """The true matches each query keeps, and what it ignores.
+
+  Returns (rows, cols, removal): kept true matches as block row and gallery index pairs (rows
+  ascending, gallery index ascending within a row), and the protocol's removal (None if empty).
+  """
+  num_q = len(q_codes)
+  n = np.where(q_codes >= 0, gal.counts[q_codes], 0)
+  rows = np.repeat(np.arange(num_q), n)
+  offset = np.arange(len(rows)) - np.repeat(np.cumsum(n) - n, n)
+  cols = gal.perm[gal.starts[q_codes[rows]] + offset]  # ascending: perm is a stable grouping
   if protocol == "regdb":
-    return None
+    return rows, cols, None
   if protocol == "sysu":  # camera-3 queries x camera-2 gallery images, any identity
     q3 = q_cams == 3
-    cols = np.nonzero(gal.cams == 2)[0]
-    if not q3.any() or not len(cols):
-      return None
-    return np.ix_(np.nonzero(q3)[0], cols), np.where(q3, len(cols), 0)
-  # llcm: the gallery images of the query's identity (a contiguous run of `perm`) from its camera.
-  n = np.where(q_codes >= 0, gal.counts[q_codes], 0)
-  rows = np.repeat(np.arange(len(q_codes)), n)
-  offset = np.arange(len(rows)) - np.repeat(np.cumsum(n) - n, n)
-  cols = gal.perm[gal.starts[q_codes[rows]] + offset]
-  same_cam = gal.cams[cols] == q_cams[rows]
-  rows, cols = rows[same_cam], cols[same_cam]
-  if not len(rows):
-    return None
-  return (rows, cols), np.bincount(rows, minlength=len(q_codes))
-
-
-def _rows_of(removed, rows: np.ndarray, num_q: int):
-  """The part of a removal index (see `_removed`) that falls in `rows`, renumbered 0..len-1."""
-  r, c = (a.ravel() for a in np.broadcast_arrays(*removed))
-  where = np.full(num_q, -1)
-  where[rows] = np.arange(len(rows))
-  keep = where[r] >= 0
-  return where[r][keep], c[keep]
+    cam2 = np.nonzero(gal.cams == 2)[0]
+    hidden = q3[rows] & (gal.cams[cols] == 2)
+    removal = (_Removal(np.nonzero(q3)[0], cam2, True, np.where(q3, len(cam2), 0))
+               if q3.any() and len(cam2) else None)
+    return rows[~hidden], cols[~hidden], removal
+  # llcm: the gallery images of the query's identity seen by the query's camera.
+  hidden = gal.cams[cols] == q_cams[rows]
+  removal = None
+  if hidden.any():
+    removal = _Removal(rows[hidden], cols[hidden], False,
+                       np.bincount(rows[hidden], minlength=num_q))
+  return rows[~hidden], cols[~hidden], removal
 
 
 def _index_exact(dist: np.ndarray, removed, nonnegative: bool) -> np.ndarray:
@@ -184,87 +211,16 @@ def _index_exact(dist: np.ndarray, removed, nonnegative: bool) -> np.ndarray:
   return low
 
 
-# The 32-bit key path is used when the gallery index leaves at least this many bits for the
-# quantised distance (galleries up to 4096 images).
-_MIN_LEVEL_BITS = 19
-_ROUNDING_BIAS = np.float32(1.5 * 2**23)  # x + bias stores round(x) in the low mantissa bits
+def _rank_exact(dist: np.ndarray, q_codes: np.ndarray, removal: _Removal | None, gal: _Gallery,
+                nonnegative: bool) -> tuple[np.ndarray, np.ndarray, Callable]:
+  """Ranks of the kept true matches from a full exact ranking of the block [B, G].
 
-
-def _index_quantised(dist: np.ndarray, removed, lowest: float, highest: float
-                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Fast path: one sort of 32-bit keys (quantised distance << b | gallery index, b index bits).
-
-  Quantisation: level = round((x - lowest) * scale) with at most 2**min(22, 31 - b) levels, taken
-  from the low mantissa bits of (x - lowest) * scale + 1.5 * 2**23 (the other bits are the same for
-  every element). It is monotone, so the sorted order is exact except possibly among neighbours
-  that share a level; rows where two such neighbours have different distances are returned as
-  ambiguous, for `_index_exact`. Removed images get the top level.
-  Returns ([B, G] int32 gallery index at each rank, ambiguous row numbers).
+  Returns (rows, ranks, ranked): the kept true matches as (block row, 0-based kept rank), by row
+  then rank, and ranked(rows, width) -> gallery indices at ranks 0..width-1 of those rows (width
+  None: all ranks).
   """
   num_q, num_g = dist.shape
-  bits = max(1, (num_g - 1).bit_length())
-  top = (1 << min(22, 31 - bits)) - 1
-  span = float(highest) - float(lowest)
-  scale = np.float32((top - 2) / span) if span > 0 else np.float32(0.0)
-  z = np.multiply(dist, scale, dtype=np.float32)
-  z += _ROUNDING_BIAS - np.float32(lowest) * scale  # in [bias, bias + top - 1]: same exponent
-  if removed is not None:
-    z[removed] = _ROUNDING_BIAS + np.float32(top)
-  keys = z.view(np.int32)
-  keys <<= bits
-  keys |= np.arange(num_g, dtype=np.int32)
-  keys.sort(axis=1)
-  level = keys >> bits
-  shared = level[:, 1:] == level[:, :-1]  # neighbours sharing a level
-  if removed is not None:  # removed images share the top level; their order does not matter
-    removed_key = np.array([_ROUNDING_BIAS + np.float32(top)], np.float32).view(np.int32) << bits
-    shared &= level[:, 1:] != (removed_key >> bits)[0]
-  del level
-  row, col = np.divmod(np.flatnonzero(shared), num_g - 1)
-  del shared
-  keys &= np.int32((1 << bits) - 1)
-  ambiguous = dist[row, keys[row, col]] != dist[row, keys[row, col + 1]]
-  return keys, np.unique(row[ambiguous])
-
-
-def _sorted_gallery_index(dist: np.ndarray, removed, nonnegative: bool, lowest: float,
-                          highest: float) -> np.ndarray:
-  """[B, G] int32 gallery index at each rank: ascending distance, ties by gallery index (-0.0
-  equals +0.0), removed images last."""
-  num_q, num_g = dist.shape
-  if (dist.dtype not in (np.float32, np.float16) or num_g < 2
-      or 31 - (num_g - 1).bit_length() < _MIN_LEVEL_BITS):
-    return _index_exact(dist, removed, nonnegative)
-  index, ambiguous = _index_quantised(dist, removed, lowest, highest)
-  if len(ambiguous):
-    sub = None if removed is None else _rows_of(removed, ambiguous, num_q)
-    index[ambiguous] = _index_exact(dist[ambiguous], sub, nonnegative)
-  return index
-
-
-def _distinct_before(codes_sorted: np.ndarray, first: np.ndarray, sentinel: int) -> np.ndarray:
-  """Number of distinct identity codes among the first `first[i]` entries of row i of
-  codes_sorted [F, W] (positions >= W are not seen)."""
-  c = codes_sorted.copy()
-  c[np.arange(c.shape[1])[None, :] >= first[:, None]] = sentinel
-  c.sort(axis=1)
-  change = np.ones(c.shape, bool)
-  np.not_equal(c[:, 1:], c[:, :-1], out=change[:, 1:])
-  return change.sum(axis=1) - (c[:, -1] == sentinel)
-
-
-def _block(dist: np.ndarray, q_codes: np.ndarray, q_cams: np.ndarray | None, gal: _Gallery,
-           protocol: str, max_rank: int, lowest: float, highest: float) -> dict[str, np.ndarray]:
-  """Per-query results for one block of rows of the distance matrix [B, G].
-
-  Returns [B] arrays: n_rel (true matches kept), ap, inp (nan where n_rel == 0), first (0-based kept
-  rank of the first true match), unique (0-based rank of the query identity among the distinct kept
-  identities, capped at max_rank); first/unique are -1 where n_rel == 0.
-  """
-  num_q, num_g = dist.shape
-  removed = _removed(protocol, q_codes, q_cams, gal)
-  index = _sorted_gallery_index(dist, None if removed is None else removed[0], lowest >= 0,
-                                lowest, highest)
+  index = _index_exact(dist, None if removal is None else removal.index(), nonnegative)
   if gal.grouped:  # identity c owns the gallery indices starts[c] .. starts[c] + counts[c] - 1
     start = np.where(q_codes >= 0, gal.starts[q_codes], 0).astype(np.int32)
     count = np.where(q_codes >= 0, gal.counts[q_codes], 0).astype(np.uint32)
@@ -273,39 +229,184 @@ def _block(dist: np.ndarray, q_codes: np.ndarray, q_cams: np.ndarray | None, gal
     del offset
   else:
     match = gal.codes[index] == q_codes[:, None]
-  rows, cols = np.divmod(np.flatnonzero(match), num_g)  # row-major: by query, then by rank
+  rows, ranks = np.divmod(np.flatnonzero(match), num_g)  # row-major: by query, then by rank
   del match
-  if removed is not None:  # removed images sit at the end of each ranked list
-    ok = cols < num_g - removed[1][rows]
-    rows, cols = rows[ok], cols[ok]
+  if removal is not None:  # removed images sit at the end of each ranked list
+    ok = ranks < num_g - removal.count[rows]
+    rows, ranks = rows[ok], ranks[ok]
+  return rows, ranks, lambda r, width=None: index[r, :width]
 
+
+# The 32-bit key path is used when the gallery index leaves at least this many bits for the
+# quantised distance (galleries up to 4096 images); at most _MAX_LEVEL_BITS are used (the
+# float32 mantissa holds 23; tests lower it to force many shared levels).
+_MIN_LEVEL_BITS = 19
+_MAX_LEVEL_BITS = 22
+_ROUNDING_BIAS = np.float32(1.5 * 2**23)  # x + bias stores round(x) in the low mantissa bits
+
+
+def _quantise(dist: np.ndarray, lowest: float, highest: float, top: int) -> np.ndarray | None:
+  """[B, G] float32 z = bias + level, level = round((x - lowest) * scale) in [0, top - 1] (scale =
+  (top - 2) / (highest - lowest)), so that the level sits in the low mantissa bits of z and every z
+  has the exponent of bias = 1.5 * 2**23; None when float32 arithmetic cannot guarantee that range.
+
+  Float32 rounding is monotone, so z(lowest) and z(highest), computed with the same float32
+  operations as the array, bound every z: the range is checked on those two values. x * scale +
+  (bias - lowest * scale) (two passes) loses the bias when |lowest| is large against the span
+  (distances a few ulps apart); (x - lowest) * scale + bias (three passes) is then used.
+  """
+  lo, hi = np.float32(lowest), np.float32(highest)
+  span = float(highest) - float(lowest)
+  with np.errstate(all="ignore"):  # a subnormal span or overflow fails the range checks below
+    scale = np.float32((top - 2) / span) if span > 0 else np.float32(0.0)
+    limit = _ROUNDING_BIAS + np.float32(top - 1)
+    offset = _ROUNDING_BIAS - lo * scale
+    if _ROUNDING_BIAS <= lo * scale + offset and hi * scale + offset <= limit:
+      z = np.multiply(dist, scale, dtype=np.float32, order="C")  # C order: callers ravel it
+      z += offset
+      return z
+    if (hi - lo) * scale + _ROUNDING_BIAS <= limit:  # (lowest - lowest) * scale + bias = bias
+      z = np.subtract(dist, lo, dtype=np.float32, order="C")
+      z *= scale
+      z += _ROUNDING_BIAS
+      return z
+  return None
+
+
+def _rank_quantised(dist: np.ndarray, m_rows: np.ndarray, m_cols: np.ndarray,
+                    removal: _Removal | None, lowest: float, highest: float
+                    ) -> tuple[np.ndarray, np.ndarray, Callable, np.ndarray] | None:
+  """Fast path: one sort of 32-bit keys (quantised distance << b | gallery index, b index bits),
+  then a binary search for each kept true match (m_rows, m_cols) in its sorted row.
+
+  Quantisation (`_quantise`): at most 2**min(_MAX_LEVEL_BITS, 31 - b) levels, taken from the low
+  mantissa bits of a float32 (the other bits are the same for every element). It is monotone: a
+  lower level means a smaller distance. A true match whose two ranked neighbours have other levels
+  is the only image of its level, so it sits at its exact rank and the set of images before it is
+  exact (their order among themselves, by level then index, changes no metric: AP, INP and the
+  first-match rank depend on match ranks only, the unique-identity rank on the set before the first
+  match). Rows with a true match that shares its level with a neighbour are returned for exact
+  ranking. Removed images get the top level, above every kept one.
+  Returns (rows, ranks, ranked, redo): as `_rank_exact`, plus the row numbers to rank exactly; None
+  when the distances cannot be quantised (see `_quantise`).
+  """
+  num_q, num_g = dist.shape
+  bits = max(1, (num_g - 1).bit_length())
+  top = (1 << min(_MAX_LEVEL_BITS, 31 - bits)) - 1
+  z = _quantise(dist, lowest, highest, top)
+  if z is None:
+    return None
+  keys = z.view(np.int32)
+  del z
+  keys <<= bits
+  col = np.arange(num_g, dtype=np.int32)
+  removed_level = np.int32(top << bits)  # OR-ed in: sets every level bit (level = top)
+  if removal is not None and removal.grid:  # rows x cols: two variants of the index row
+    variants = np.stack([col, col])
+    variants[1, removal.cols] |= removed_level
+    which = np.zeros(num_q, np.intp)
+    which[removal.rows] = 1
+    keys |= variants[which]
+  else:
+    keys |= col
+    if removal is not None:
+      keys[removal.rows, removal.cols] |= removed_level
+  flat = keys.reshape(-1)  # a view (keys is C-contiguous): it follows the in-place sort
+  base = m_rows * num_g
+  needles = flat.take(base + m_cols)
+  keys.sort(axis=1)
+
+  # at = flat position of each needle in its sorted row: a binary search with power-of-two steps
+  # (Shar's variant: a first probe at step - 1 decides whether the search continues from the row's
+  # start or from G - step, so no probe leaves the row). The needle is in the row exactly once.
+  step = 1 << (num_g.bit_length() - 1)
+  at = base + np.where(flat.take(base + (step - 1)) < needles, num_g - step, 0)
+  step >>= 1
+  while step:
+    at += (flat.take(at + (step - 1)) < needles) * step
+    step >>= 1
+  pos = at - base
+  level = needles >> bits
+  last = base + (num_g - 1)
+  shared = (pos > 0) & (flat.take(np.maximum(at - 1, base)) >> bits == level)
+  shared |= (pos < num_g - 1) & (flat.take(np.minimum(at + 1, last)) >> bits == level)
+  redo = np.unique(m_rows[shared])
+
+  rows, ranks = np.divmod(np.sort(at), num_g)
+  mask = np.int32((1 << bits) - 1)
+  return rows, ranks, lambda r, width=None: keys[r, :width] & mask, redo
+
+
+def _distinct_before(codes_ranked: np.ndarray, first: np.ndarray, sentinel: int) -> np.ndarray:
+  """Number of distinct identity codes among the first `first[i]` entries of row i of
+  codes_ranked [F, W] (positions >= W are not seen)."""
+  c = np.where(np.arange(codes_ranked.shape[1]) < first[:, None], codes_ranked, sentinel)
+  c.sort(axis=1)
+  change = c[:, 1:] != c[:, :-1]
+  return (change.sum(axis=1) + 1) - (c[:, -1] == sentinel)
+
+
+def _per_query(num_q: int, rows: np.ndarray, ranks: np.ndarray, ranked: Callable, gal: _Gallery,
+               max_rank: int) -> dict[str, np.ndarray]:
+  """Per-query results from the kept true matches (rows, ranks: by row, then rank).
+
+  Returns [B] arrays: n_rel (true matches kept), ap, inp (nan where n_rel == 0), first (0-based kept
+  rank of the first true match), unique (0-based rank of the query identity among the distinct kept
+  identities, capped at max_rank); first/unique are -1 where n_rel == 0.
+  """
   n_rel = np.bincount(rows, minlength=num_q)
-  first_idx = np.cumsum(n_rel) - n_rel  # index into rows/cols of each query's first true match
+  first_idx = np.cumsum(n_rel) - n_rel  # index into rows/ranks of each query's first true match
   k = np.arange(len(rows)) - first_idx[rows]  # 0-based index of a match among its query's matches
-  ap_sum = np.bincount(rows, weights=(k + 1.0) / (cols + 1.0), minlength=num_q)
+  ap_sum = np.bincount(rows, weights=(k + 1.0) / (ranks + 1.0), minlength=num_q)
 
   vq = np.nonzero(n_rel)[0]
   first = np.full(num_q, -1, np.int64)
   unique = np.full(num_q, -1, np.int64)
   ap = np.full(num_q, np.nan)
   inp = np.full(num_q, np.nan)
-  first[vq] = cols[first_idx[vq]]
-  last = cols[first_idx[vq] + n_rel[vq] - 1]
+  first[vq] = ranks[first_idx[vq]]
+  last = ranks[first_idx[vq] + n_rel[vq] - 1]
   ap[vq] = ap_sum[vq] / n_rel[vq]
   inp[vq] = n_rel[vq] / (last + 1.0)
 
   # Unique-identity rank = distinct identities ranked before the first true match (removed images
-  # rank after it). Only min(rank, max_rank) matters: look at a window of the first W ranks, and at
-  # the whole list only for the queries whose window is too short to decide.
-  width = min(num_g, max(2 * max_rank, 32))
-  sentinel = len(gal.unique_pids)
-  u = _distinct_before(gal.codes[index[vq, :width]], first[vq], sentinel)
-  undecided = (first[vq] > width) & (u < max_rank)
-  if undecided.any():
-    rows_u = vq[undecided]
-    u[undecided] = _distinct_before(gal.codes[index[rows_u]], first[rows_u], sentinel)
-  unique[vq] = np.minimum(u, max_rank)
+  # rank after it): first itself when first < 2. Only min(rank, max_rank) matters: look at a window
+  # of the first W ranks, and at the whole list only for the queries the window cannot decide.
+  unique[vq] = first[vq]
+  vq = vq[first[vq] >= 2]
+  if len(vq):
+    width = min(gal.size, max(2 * max_rank, 32))
+    sentinel = len(gal.unique_pids)
+    u = _distinct_before(gal.codes[ranked(vq, width)], first[vq], sentinel)
+    undecided = (first[vq] > width) & (u < max_rank)
+    if undecided.any():
+      rows_u = vq[undecided]
+      u[undecided] = _distinct_before(gal.codes[ranked(rows_u)], first[rows_u], sentinel)
+    unique[vq] = np.minimum(u, max_rank)
   return dict(n_rel=n_rel, ap=ap, inp=inp, first=first, unique=unique)
+
+
+def _block(dist: np.ndarray, q_codes: np.ndarray, q_cams: np.ndarray | None, gal: _Gallery,
+           protocol: str, max_rank: int, lowest: float, highest: float) -> dict[str, np.ndarray]:
+  """Per-query results (see `_per_query`) for one block of rows of the distance matrix [B, G]."""
+  num_q, num_g = dist.shape
+  m_rows, m_cols, removal = _matches(protocol, q_codes, q_cams, gal)
+  nonnegative = lowest >= 0
+  fast = None
+  if (dist.dtype in (np.float32, np.float16) and num_g >= 2
+      and 31 - (num_g - 1).bit_length() >= _MIN_LEVEL_BITS):
+    fast = _rank_quantised(dist, m_rows, m_cols, removal, lowest, highest)
+  if fast is None:
+    return _per_query(num_q, *_rank_exact(dist, q_codes, removal, gal, nonnegative), gal, max_rank)
+  rows, ranks, ranked, redo = fast
+  out = _per_query(num_q, rows, ranks, ranked, gal, max_rank)
+  if len(redo):
+    sub_removal = None if removal is None else removal.of_rows(redo)
+    exact = _per_query(len(redo), *_rank_exact(dist[redo], q_codes[redo], sub_removal, gal,
+                                               nonnegative), gal, max_rank)
+    for key, value in exact.items():
+      out[key][redo] = value
+  return out
 
 
 def _check_labels(name: str, x, n: int) -> np.ndarray:
