@@ -117,5 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
       best_metric="mAP",
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: every device on the data axis
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                  # -1: every device on the data axis
+      fsdp=False,               # True: split large params and Adam moments over "data" (FSDP)
+      fsdp_min_size=2**18,      # FSDP leaves of fewer elements stay replicated
+  ))
   return c

@@ -1,13 +1,18 @@
 """Device mesh, shardings and multi-host set-up.
 
-The training batch is sharded along a single "data" mesh axis; parameters and optimiser state are
-replicated. Under jit over a global batch, BatchNorm statistics are computed over the whole global
-batch, i.e. averaged across devices, with no explicit collective in the model code.
+The training batch is sharded along a single "data" mesh axis. Parameters and optimiser state are
+replicated, or, with config.mesh.fsdp, their large leaves are split over the same axis
+(fully-sharded data parallel): XLA's SPMD partitioner then all-gathers them where the step needs
+them whole and reduce-scatters their gradients, so the step's math is unchanged while each device
+holds 1/n of them.
+Under jit over a global batch, BatchNorm statistics are computed over the whole global batch, i.e.
+averaged across devices, with no explicit collective in the model code.
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -52,6 +57,49 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int) -> P:
+  """The FSDP partition of one array of `shape`: its largest dimension divisible by `axis_size`
+  (ties: the later one) split over the data axis; P() (replicated) for arrays of fewer than
+  `min_size` elements, where gathering costs more than the memory saved, or when no dimension
+  divides."""
+  if axis_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  divisible = [d for d in range(len(shape)) if shape[d] % axis_size == 0]
+  if not divisible:
+    return P()
+  dim = max(divisible, key=lambda d: (shape[d], d))
+  return P(*([None] * dim), DATA_AXIS)
+
+
+def state_shardings(state: Any, mesh: Mesh, fsdp: bool, min_size: int,
+                    sharded_fields: Sequence[str] = ("params", "opt_state")) -> Any:
+  """A pytree of NamedSharding matching `state` (arrays or jax.ShapeDtypeStruct leaves).
+
+  fsdp=False: everything replicated. fsdp=True: the leaves under the top-level fields (attribute
+  or key names) in `sharded_fields` follow `fsdp_spec`, the rest (BatchNorm statistics, step, rng)
+  stay replicated. The rule depends on shapes only, so Adam's moments get their parameter's
+  sharding.
+  """
+  if min_size < 0:
+    raise ValueError(f"config.mesh.fsdp_min_size={min_size} must be >= 0")
+  rep = replicated(mesh)
+  axis_size = mesh.shape[DATA_AXIS]
+
+  def leaf_sharding(path, x):
+    if fsdp and path and _key_name(path[0]) in sharded_fields:
+      return NamedSharding(mesh, fsdp_spec(x.shape, axis_size, min_size))
+    return rep
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, state)
+
+
+def _key_name(key: Any) -> Any:
+  for attr in ("name", "key"):  # GetAttrKey (dataclasses), DictKey (dicts)
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return None
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str) -> None:

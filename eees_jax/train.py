@@ -1,7 +1,8 @@
 """EEES training: the train state, the pure train step, the loop, evaluation, checkpoint and resume.
 
 One jit-compiled step over a device mesh: the global batch is sharded on the "data" axis, the state
-is replicated, and the old state's buffers are donated. Data order, augmentation and the RNG depend
+is replicated (or, with config.mesh.fsdp, its large parameters and Adam moments are split over the
+same axis), and the old state's buffers are donated. Data order, augmentation and the RNG depend
 only on (config.seed, step), so a run restarted from its last checkpoint replays exactly the batches
 it would have seen, and ends with the same parameters as an uninterrupted run.
 
@@ -265,6 +266,7 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict,
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, dict]:
+  """Restores the latest checkpoint into `state`'s shardings, whatever it was saved with."""
   step = mngr.latest_step()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
@@ -277,7 +279,11 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState) -> tuple[
 # ----------------------------------------------------------------------------------------------
 
 def make_extract(exp: Experiment, state: TrainState) -> Callable:
-  """extract(records) -> test-time features [n, D] (numpy), for the evaluation protocols."""
+  """extract(records) -> test-time features [n, D] (numpy), for the evaluation protocols.
+
+  The variables keep the state's shardings (with FSDP, jit all-gathers the split ones inside
+  `embed`, as in the train step).
+  """
   cfg = exp.config
   mesh = exp.mesh
   variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
@@ -403,8 +409,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = exp.mesh
   rep = sharding.replicated(mesh)
 
-  # Initialised eagerly (pretrained tensors must not become jit constants), then replicated.
-  state = jax.device_put(init_state(exp, pretrained), rep)
+  # Initialised eagerly (pretrained tensors must not become jit constants), then placed: replicated,
+  # or with config.mesh.fsdp the large parameters and their Adam moments split over the devices.
+  state = init_state(exp, pretrained)
+  state_sh = sharding.state_shardings(state, mesh, config.mesh.fsdp, config.mesh.fsdp_min_size)
+  state = jax.device_put(state, state_sh)
   del pretrained
   mngr = checkpoint_manager(workdir, config)
   meta = {}
@@ -416,8 +425,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   step_fn = jax.jit(functools.partial(train_step, model=exp.model, text_model=exp.text_model,
                                       tx=exp.tx, loss_cfg=config.loss),
-                    in_shardings=(rep, sharding.batch_sharded(mesh), rep),
-                    out_shardings=(rep, rep), donate_argnums=(0,))
+                    in_shardings=(state_sh, sharding.batch_sharded(mesh), rep),
+                    out_shardings=(state_sh, rep), donate_argnums=(0,))
 
   P, K = config.input.P, config.input.K
   global_batch = 3 * P * K
