@@ -81,7 +81,7 @@ class ResNetStem(nn.Module):
     the batch holds counts[0] samples of modality 0, then counts[1] of modality 1, ...) each stem
     runs on its own slice only: the same result for half the stem work.
     """
-    conv = functools.partial(L.StackedConv, self.num_modalities, kernel_size=(3, 3),
+    conv = functools.partial(L.StackedConv, num=self.num_modalities, kernel_size=(3, 3),
                              padding=((1, 1), (1, 1)), dtype=self.dtype,
                              param_dtype=self.param_dtype)
     bn = functools.partial(L.MaskedBatchNorm, use_running_average=not self.train,

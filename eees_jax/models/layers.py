@@ -161,18 +161,11 @@ def stacked_init(init: Callable, num: int) -> Callable:
   return f
 
 
-class StackedConv(nn.Module):
+class StackedConv(Conv):
   """`num` bias-free convolutions stored as one kernel [num, kh, kw, Cin, Cout]; call with the index
   of the copy to apply. Each copy is a separate (ungrouped) convolution: a vmapped nn.Conv becomes a
   grouped convolution, whose backward pass XLA:CPU runs far slower."""
-  num: int
-  features: int
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int] = (1, 1)
-  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
-  kernel_init: Callable = torch_default_init
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  num: int = 2
 
   @nn.compact
   def __call__(self, x: jax.Array, index: int) -> jax.Array:
