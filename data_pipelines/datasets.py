@@ -48,7 +48,7 @@ def ensure_synthetic(dataset: Any) -> None:
   if os.path.isfile(marker):
     with open(marker) as f:
       have = json.load(f).get("settings", {})
-    have.setdefault("val_fraction", 0.05)  # written before the setting existed
+    have.setdefault("val_fraction", synthetic.VAL_FRACTION)  # written before the setting existed
     differ = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
     if differ:
       raise DatasetError(

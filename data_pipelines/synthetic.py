@@ -53,6 +53,7 @@ from data_pipelines.records import DatasetError
 GENERATOR = "data_pipelines.synthetic"
 VERSION = 1
 MARKER = "synthetic.json"
+VAL_FRACTION = 0.05  # share of ids in exp/val_id.txt unless asked otherwise
 DESCRIPTIONS = "descriptions.jsonl"
 CAPTIONER = "synthetic-captioner-v1"
 VISIBLE_PROMPT = ("Describe the pedestrian in one sentence: gender, build, hair, upper clothing, lower "
@@ -208,7 +209,7 @@ def sample_identity(seed: int, pid: int, split: str) -> Identity:
       shade=tuple(float(s) for s in rng.uniform(0.9, 1.1, 3)), warmth=float(rng.normal(0.0, 0.03)))
 
 
-def assign_splits(seed: int, num_ids: int, val_fraction: float = 0.05) -> dict[int, str]:
+def assign_splits(seed: int, num_ids: int, val_fraction: float = VAL_FRACTION) -> dict[int, str]:
   """Ids 1..num_ids -> split: about a third test, `val_fraction` val, the rest train.
 
   The test ids do not depend on `val_fraction` (they come first in the permutation), and the
@@ -716,7 +717,7 @@ def _replace_outputs(staging: str, out: str) -> None:
 
 
 def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: int = 128,
-             width: int = 64, seed: int = 0, val_fraction: float = 0.05, workers: int = 1,
+             width: int = 64, seed: int = 0, val_fraction: float = VAL_FRACTION, workers: int = 1,
              overwrite: bool = False,
              ir_colour_missing: float = 0.5, ir_colour_wrong: float = 0.25,
              verbose: bool = False) -> dict:
@@ -819,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--height", type=int, default=128)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--val_fraction", type=float, default=0.05,
+  parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
                       help="share of identities in exp/val_id.txt (held out by --config.dataset.holdout)")
   parser.add_argument("--workers", type=int, default=1, help="rendering processes")
   parser.add_argument("--ir_colour_missing", type=float, default=0.5,

@@ -23,6 +23,7 @@ from typing import Sequence
 from absl import app, flags
 
 from configs.common import ABLATION_ROWS
+from eees_jax.evaluation import protocols
 
 _CONFIG = flags.DEFINE_string("config", "configs/synthetic.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "One sub-folder per row and seed.")
@@ -33,7 +34,7 @@ _HOLDOUT = flags.DEFINE_bool("holdout", False, "Score held-out val ids (tuning),
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (one accelerator can hold several).")
 flags.mark_flags_as_required(["workdir"])
 
-SETTINGS = ("all-search single-shot", "indoor-search single-shot")
+SETTINGS = tuple(protocols.sysu_setting_name(mode, 1) for mode in ("all", "indoor"))
 METRICS = ("rank1", "mAP")
 
 

@@ -338,15 +338,14 @@ def evaluate(exp: Experiment, state: TrainState, out_dir: str | None) -> dict:
     title = f"EEES on {name}" + (" (held-out val ids, not a test result)" if split == "val" else "")
     report.write_report(results, out_dir, title=title)
     if name in ("sysu", "synthetic") and cfg.eval.ranked_list_queries > 0:
-      _ranked_list(extract, cfg, out_dir)
+      _ranked_list(extract, cfg, out_dir, split)
   return results
 
 
-def _ranked_list(extract: Callable, cfg, out_dir: str) -> None:
+def _ranked_list(extract: Callable, cfg, out_dir: str, split: str) -> None:
   """Ranked-list sheet of all-search trial 0 (features come from the extract's cache)."""
   from data_pipelines import sysu_mm01
   from eees_jax.evaluation import metrics, report
-  split = "val" if cfg.dataset.holdout else "test"
   query = sysu_mm01.query_set(cfg.dataset.root, "all", split=split)
   gallery = sysu_mm01.gallery_set(cfg.dataset.root, "all", 0, split=split)
   dist = metrics.cosine_distance(extract(query), extract(gallery))
