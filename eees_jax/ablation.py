@@ -93,6 +93,9 @@ def _run_one(cmd: list[str], workdir: str, env: dict) -> dict:
     if proc.returncode != 0:
       raise RuntimeError(f"run failed (exit {proc.returncode}); see {os.path.join(workdir, 'run.log')}: "
                          + " ".join(cmd))
+    if not os.path.isfile(report):  # A preempted run (SIGTERM) saves a checkpoint and exits 0.
+      raise RuntimeError(f"run stopped before its report ({report}); run the same ablation command "
+                         "again to resume it from its checkpoint")
   with open(report) as f:
     return json.load(f)
 

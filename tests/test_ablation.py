@@ -35,3 +35,9 @@ def test_summary_against_hand_computed_values():
   assert t["mAP"]["mean"] == pytest.approx(22.0) and t["mAP"]["std"] == pytest.approx(statistics.stdev([20, 26, 20]))
   md = ablation.markdown(ablation.summarise(runs), "t")
   assert "| full | 12.00 ± 2.00 (10.00-14.00) | 22.00 ± 3.46 (20.00-26.00) | 3.00 ± 2.00 (1.00-5.00) |" in md
+
+
+def test_a_run_that_stops_without_a_report_says_how_to_resume(tmp_path):
+  stopped = [sys.executable, "-c", "pass"]  # exits 0 and writes no report, like a preempted run
+  with pytest.raises(RuntimeError, match="run the same ablation command again to resume"):
+    ablation._run_one(stopped, str(tmp_path / "full" / "seed0"), {})
