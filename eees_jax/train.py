@@ -38,7 +38,8 @@ from data_pipelines.records import TrainSet
 from eees_jax import losses, optim, sharding, text_features
 from eees_jax.models import eees as eees_lib
 from eees_jax.models import tokenizer as tokenizer_lib
-from eees_jax.models import weights as weights_lib
+from eees_jax import weights as weights_lib
+from eees_jax.models import towers
 
 
 @flax.struct.dataclass
@@ -186,7 +187,7 @@ def init_state(exp: Experiment, pretrained: weights_lib.CLIPWeights | None) -> T
 
 
 def _text_params(cfg, text_config: dict, pretrained, key):
-  text_model = weights_lib.build_text_tower(text_config)
+  text_model = towers.build_text_tower(text_config)
   tokens = jnp.zeros((1, text_config["context_length"]), jnp.int32)
   params = flax.core.unfreeze(jax.jit(text_model.init)(key, tokens)["params"])
   if pretrained is not None and "text" in tuple(cfg.model.init.load):
@@ -208,7 +209,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> tuple[E
   dtype = _dtype(config.model.dtype)
   model = eees_lib.EEES(vision=vision_config, num_classes=train_set.num_classes,
                         gem_p=config.model.gem_p, dtype=dtype)
-  text_tower = weights_lib.build_text_tower(text_config)
+  text_tower = towers.build_text_tower(text_config)
   text_arrays = {"index": index}
   if config.text.trainable:
     text_model = text_tower
