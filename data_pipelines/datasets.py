@@ -41,26 +41,34 @@ def load_train_set(dataset: Any) -> TrainSet:
 
 
 def ensure_synthetic(dataset: Any) -> None:
-  """Generates the synthetic benchmark into `dataset.root` unless it is already there."""
+  """Generates the synthetic set `dataset.generate` describes into `dataset.root` unless it is there.
+
+  A folder holding a set made with other settings, or by an older generator, is refused.
+  """
   from data_pipelines import synthetic
   root, wanted = dataset.root, dict(dataset.generate)
   marker = os.path.join(root, synthetic.MARKER)
   if os.path.isfile(marker):
     with open(marker) as f:
-      have = json.load(f).get("settings", {})
-    have.setdefault("val_fraction", synthetic.VAL_FRACTION)  # written before the setting existed
+      written = json.load(f)
+    if written.get("version") != synthetic.VERSION:
+      raise DatasetError(
+          f"{root} holds a synthetic set of generator version {written.get('version')}, this code "
+          f"writes version {synthetic.VERSION} (captions with gaps, a pretraining set); delete the "
+          "folder to regenerate it")
+    have = written.get("settings", {})
     differ = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
     if differ:
       raise DatasetError(
           f"{root} holds a synthetic set generated with other settings "
-          f"({', '.join(f'{k}: {a!r} there, {b!r} in config.dataset.generate' for k, (a, b) in differ.items())}); "
-          f"delete the folder to regenerate it, or point --config.dataset.root elsewhere")
+          f"({', '.join(f'{k}: {a!r} there, {b!r} in the config' for k, (a, b) in differ.items())}); "
+          f"delete the folder to regenerate it, or point the config's root elsewhere")
     return
-  if os.path.isfile(os.path.join(root, "exp", "test_id.txt")):
-    raise DatasetError(f"{root} has exp/test_id.txt but no {synthetic.MARKER}: it is not a set this "
-                       "generator wrote; point --config.dataset.root at an empty folder")
-  print(f"Generating the synthetic benchmark into {root} ...", flush=True)
-  synthetic.generate(root, **wanted)
+  if os.path.isdir(root) and os.listdir(root):
+    raise DatasetError(f"{root} is not empty and holds no {synthetic.MARKER}: it is not a set this "
+                       "generator wrote; point the config's root at an empty or missing folder")
+  print(f"Generating the synthetic set into {root} ...", flush=True)
+  synthetic.generate(root, workers=min(os.cpu_count() or 1, 4), verbose=True, **wanted)
 
 
 def descriptions_path(dataset: Any) -> str:

@@ -121,6 +121,9 @@ def _load_pretrained(config) -> weights_lib.CLIPWeights | None:
   path = config.model.init.checkpoint
   if not path:
     return None
+  if "pretrain" in config and config.pretrain.enabled:
+    from eees_jax import pretrain_clip
+    pretrain_clip.ensure_pretrained(config)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"config.model.init.checkpoint={path!r} does not exist. Download OpenAI's CLIP RN50 weights "
