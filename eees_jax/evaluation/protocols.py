@@ -329,6 +329,38 @@ def evaluate_llcm(extract: Extract, root: str, trials: int | Sequence[int] = 10,
   return out.finish()
 
 
+def merge_splits(per_split: Sequence[dict]) -> dict:
+  """One results dict from runs that each scored their own split (RegDB: one model per split).
+
+  Every setting's trials are the splits in the given order; its mean is the mean over the splits,
+  as RegDB results are reported.
+  """
+  if not per_split:
+    raise ValueError("no per-split results to merge")
+  first = per_split[0]
+  out = {k: v for k, v in first.items() if k != "settings"}
+  out["settings"] = {}
+  seen = set()
+  for res in per_split:
+    for key in ("dataset", "protocol", "trial_key"):
+      if res.get(key) != first.get(key):
+        raise ValueError(f"cannot merge results with {key} {res.get(key)!r} and {first.get(key)!r}")
+    if list(res["settings"]) != list(first["settings"]):
+      raise ValueError(f"cannot merge results with settings {list(res['settings'])} and "
+                       f"{list(first['settings'])}")
+    for name, setting in res["settings"].items():
+      merged = out["settings"].setdefault(
+          name, {k: v for k, v in setting.items() if k not in ("trials", "mean")} | {"trials": []})
+      merged["trials"] += setting["trials"]
+    splits = {t[first["trial_key"]] for s in res["settings"].values() for t in s["trials"]}
+    if splits & seen:
+      raise ValueError(f"{first['trial_key']}(s) {sorted(splits & seen)} appear in two results")
+    seen |= splits
+  for setting in out["settings"].values():
+    setting["mean"] = mean_of_trials(setting["trials"])
+  return out
+
+
 def headline(results: dict, setting: str | None = None) -> dict:
   """The mean metrics of one setting (default: the first), e.g. for picking the best checkpoint."""
   settings = results["settings"]
