@@ -57,12 +57,6 @@ class FolderImages(ImageSource):
   def __repr__(self) -> str:
     return f"FolderImages({self.root!r})"
 
-  def __eq__(self, other) -> bool:
-    return isinstance(other, FolderImages) and other.root == self.root
-
-  def __hash__(self) -> int:
-    return hash(("folder", self.root))
-
   def describe(self) -> str:
     return f"folder {self.root}"
 
