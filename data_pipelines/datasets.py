@@ -1,43 +1,20 @@
-"""One entry point from an experiment config to a data set's training records and descriptions."""
+"""From an experiment config to a data set's training records and descriptions.
+
+What differs between data sets (readers, protocol, sources) is in data_pipelines/registry.py.
+"""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
 
+from data_pipelines import registry
 from data_pipelines.records import DatasetError, TrainSet
-
-_DOWNLOAD_HINTS = {
-    "sysu": "SYSU-MM01 is distributed by its authors on request (see the README, 'Real data sets'); "
-            "unpack it and pass --config.dataset.root=<folder with cam1..cam6 and exp/>",
-    "regdb": "RegDB is distributed by its authors on request; unpack it and pass "
-             "--config.dataset.root=<folder with idx/ and the image folders>",
-    "llcm": "LLCM is distributed by its authors on request; unpack it and pass "
-            "--config.dataset.root=<folder with idx/ and the image folders>",
-}
 
 
 def load_train_set(dataset: Any) -> TrainSet:
-  """Training records for `config.dataset` (name, root, split)."""
-  name, root = dataset.name, dataset.root
-  if name == "synthetic":
-    ensure_synthetic(dataset)
-  if not root or not os.path.isdir(root):
-    raise DatasetError(f"config.dataset.root={root!r} is not a folder. {_DOWNLOAD_HINTS.get(name, '')}")
-  holdout = bool(dataset.get("holdout", False))
-  if holdout and name not in ("sysu", "synthetic"):
-    raise DatasetError(f"config.dataset.holdout=True needs a validation id list (SYSU-MM01 layout: "
-                       f"exp/val_id.txt); {name} has none. Set --config.dataset.holdout=False")
-  if name in ("sysu", "synthetic"):
-    from data_pipelines import sysu_mm01
-    return sysu_mm01.train_set(root, holdout=holdout)
-  if name == "regdb":
-    from data_pipelines import regdb
-    return regdb.train_set(root, dataset.split)
-  if name == "llcm":
-    from data_pipelines import llcm
-    return llcm.train_set(root)
-  raise DatasetError(f"config.dataset.name={name!r} is not one of sysu, regdb, llcm, synthetic")
+  """Training records for `config.dataset` (name, root, split, holdout, source); see the registry."""
+  return registry.load_train_set(dataset)
 
 
 def ensure_synthetic(dataset: Any) -> None:
