@@ -1,10 +1,18 @@
 """Shared pieces of every experiment config; each configs/<name>.py starts from `base_config()`.
 
 Every value the trainer reads lives here or in the data set's config file: nothing is buried in code.
+Every value has a type the command line can parse: an option whose default is "not set" is a typed
+`none(int)` reference, so `--config.loss.cmsp.hardest_k=3` overrides it (ml_collections refuses to
+override a plain None). eees_jax/config_validation.py checks every value before a run starts.
 """
 from __future__ import annotations
 
 import ml_collections
+
+
+def none(field_type: type) -> ml_collections.FieldReference:
+  """A value that is unset (None) by default but can be set from the command line."""
+  return ml_collections.FieldReference(None, field_type=field_type)
 
 
 def loss_config(*, ese: bool = True, cvsc: bool = True, cmsp: bool = True) -> ml_collections.ConfigDict:
@@ -15,8 +23,11 @@ def loss_config(*, ese: bool = True, cvsc: bool = True, cmsp: bool = True) -> ml
       ese=dict(enabled=ese, weight=1.0, tau=0.02, within_modality=False),
       pair=dict(kind="sum", num_heads=8),
       cvsc=dict(enabled=cvsc, weight=1.0, tau=0.02, kd_temperature=4.0),
-      cmsp=dict(enabled=cmsp, weight=1.0, intra="mean", distance="euclidean", hardest_k=None),
-      dc=dict(enabled=False, weight=1.0),
+      # intra: "mean" | "hardest" (the hardest_k largest intra distances, CSDN's K - 1);
+      # distance: "euclidean" | "cosine".
+      cmsp=dict(enabled=cmsp, weight=1.0, intra="mean", distance="euclidean", hardest_k=none(int)),
+      # CSDN's distance consistency on f and v; hardest_k unset: mean over all intra partners.
+      dc=dict(enabled=False, weight=1.0, hardest_k=none(int), distance="euclidean"),
   ))
 
 
@@ -41,7 +52,7 @@ def clip_text_tower(embed_dim: int = 1024) -> ml_collections.ConfigDict:
   """CLIP's text transformer (RN50 joint space is 1024-d)."""
   return ml_collections.ConfigDict(dict(
       vocab_size=49408, context_length=77, width=512, heads=8, layers=12, embed_dim=embed_dim,
-      eos_token_id=None))
+      eos_token_id=none(int)))   # unset: end of text = argmax token (OpenAI); else that id
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,8 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.dataset = ml_collections.ConfigDict(dict(
-      name="sysu",            # sysu | regdb | llcm | synthetic
+      name="sysu",            # sysu | regdb | llcm | synthetic (data_pipelines/registry.py)
       root="",                # the unpacked data set folder
+      source="folders",       # folders: read the images under `root`; tfds: read the splits
+                              # prepared by data_pipelines/tfds_builders.py from `tfds_data_dir`
+      tfds_data_dir="",       # the TFDS data_dir the data set was prepared into (source=tfds)
       split=1,                # RegDB split (1..10)
       holdout=False,          # True: train on exp/train_id.txt only, evaluate on exp/val_id.txt
                               # (SYSU layout): tune here, never on the test ids
@@ -113,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
       modes=("all", "indoor"),  # SYSU-MM01 search modes
       shots=(1,),
       trials=10,
+      gallery_source="random",  # SYSU-MM01: random (the AGW draws) | official (exp/rand_perm_cam.mat)
+      llcm_layout="deen",       # LLCM: deen (DEEN's test.py, published numbers) | query_gallery
+      # k-reciprocal re-ranking (Zhong et al. 2017): adds "(re-ranked)" twins of every setting.
+      rerank=dict(enabled=False, k1=20, k2=6, lambda_value=0.3),
       ranked_list_queries=8,
       best_metric="mAP",
   ))

@@ -4,6 +4,9 @@ Both pipelines emit uint8 images; the train / eval step normalises them on the d
 `normalize(images, CLIP_MEAN, CLIP_STD)` (data_pipelines/ops.py, re-exported here). Shipping uint8
 keeps host work and host-to-device traffic at a quarter of float32.
 
+Images come from the train set's image source (data_pipelines/image_source.py: the files under
+the data set folder, or prepared TFDS splits); both give the same bytes, decoded by the same ops.
+
 Training: `train_dataset` turns the AGW sampler's record indices (data_pipelines/sampler.py) into
 batches [V | Vc | R] of this host's identities, augmented by data_pipelines/augment.py with
 per-image stateless seeds. Everything a batch holds is a function of (seed, global step), so a run
@@ -13,7 +16,6 @@ multi-host run together produce exactly the single-host batch.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines import augment, sampler
+from data_pipelines.image_source import ImageSource, as_source
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import INFRARED, VISIBLE, DatasetError, ImageRecord, TrainSet
 from data_pipelines.sampler import epoch_indices, steps_per_epoch
@@ -48,21 +51,19 @@ def _parallel(threads: int | None) -> int:
   return int(threads) if threads else tf.data.AUTOTUNE
 
 
-def _read_resize(path: tf.Tensor, height: int, width: int) -> tf.Tensor:
-  return augment.decode_resize(tf.io.read_file(path), height, width)
-
-
-def _find_bad_images(paths: Sequence[str], height: int, width: int) -> list[str]:
-  """Decodes each file eagerly with the pipeline's own ops; returns 'path: reason' for failures."""
+def _find_bad_images(source: ImageSource, records: Sequence[ImageRecord], height: int,
+                     width: int) -> list[str]:
+  """Decodes each image eagerly with the pipeline's own ops; returns 'where: reason' for failures."""
   bad = []
-  for path in dict.fromkeys(paths):  # unique, in order
-    if not os.path.isfile(path):
-      bad.append(f"{path}: file not found")
+  for record in dict.fromkeys(records):  # unique, in order
+    where = source.location(record)
+    if source.missing(record):
+      bad.append(f"{where}: file not found")
       continue
     try:
-      _read_resize(tf.constant(path), height, width)
+      augment.decode_resize(tf.constant(source.read_bytes(record)), height, width)
     except tf.errors.OpError as e:
-      bad.append(f"{path}: {_reason(e)}")
+      bad.append(f"{where}: {_reason(e)}")
   return bad
 
 
@@ -72,50 +73,57 @@ def _reason(error: tf.errors.OpError) -> str:
   return message.splitlines()[0] if message else type(error).__name__
 
 
-def _pipeline_error(error: tf.errors.OpError, paths: Sequence[str], height: int, width: int,
-                    where: str) -> DatasetError:
-  """A DatasetError naming the unreadable file(s) among `paths`, the inputs of the failing batch."""
-  bad = _find_bad_images(paths, height, width)
+def _pipeline_error(error: tf.errors.OpError, source: ImageSource, records: Sequence[ImageRecord],
+                    height: int, width: int, where: str) -> DatasetError:
+  """A DatasetError naming the unreadable image(s) among `records`, the inputs of the failing batch."""
+  bad = _find_bad_images(source, records, height, width)
   if bad:
     return DatasetError(f"unreadable image(s) among the {where}; fix or remove them from the "
                         "data set:\n  " + "\n  ".join(bad))
   return DatasetError(f"input pipeline failed on the {where}: {_reason(error)}")
 
 
-def _decoded_batches(paths: Sequence[str], height: int, width: int, batch_size: int,
-                     threads: int | None, flip: bool = False,
+def _decoded_batches(source: ImageSource, records: Sequence[ImageRecord], height: int, width: int,
+                     batch_size: int, threads: int | None, flip: bool = False,
                      what: str = "images {first}..{last}") -> Iterator[dict[str, np.ndarray]]:
-  """Decodes and resizes `paths` in order: {"images": uint8 [<=batch_size, H, W, 3], ...}."""
-  def load(path):
-    image = _read_resize(path, height, width)
+  """Decodes and resizes `records`' images in order: {"images": uint8 [<=batch_size, H, W, 3], ...}."""
+  items = source.items(records)
+
+  def load(item):
+    image = augment.decode_resize(source.read(item), height, width)
     out = {"images": image}
     if flip:
       out["images_flipped"] = tf.reverse(image, axis=[1])
     return out
 
-  dataset = (tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), tf.string))
+  # A generator, not from_tensor_slices: encoded bytes (TFDS) must not become a graph constant.
+  dataset = (tf.data.Dataset.from_generator(lambda: iter(items),
+                                            output_signature=tf.TensorSpec([], tf.string))
              .map(load, num_parallel_calls=_parallel(threads), deterministic=True)
              .batch(batch_size)
              .prefetch(tf.data.AUTOTUNE)
              .with_options(_options(threads)))
   iterator = dataset.as_numpy_iterator()
-  for start in range(0, len(paths), batch_size):
+  for start in range(0, len(records), batch_size):
     try:
       batch = next(iterator)
     except tf.errors.OpError as e:
-      stop = min(start + batch_size, len(paths))
-      raise _pipeline_error(e, paths[start:stop], height, width,
+      stop = min(start + batch_size, len(records))
+      raise _pipeline_error(e, source, records[start:stop], height, width,
                             what.format(first=start, last=stop - 1)) from None
     yield batch
 
 
-def decode_images(root: str, records: Sequence[ImageRecord], *, height: int, width: int,
-                  threads: int | None = None) -> np.ndarray:
-  """Every record's image decoded and resized once: uint8 [len(records), height, width, 3]."""
-  paths = [os.path.join(root, r.path) for r in records]
-  out = np.empty((len(paths), height, width, 3), np.uint8)
+def decode_images(images: str | ImageSource, records: Sequence[ImageRecord], *, height: int,
+                  width: int, threads: int | None = None) -> np.ndarray:
+  """Every record's image decoded and resized once: uint8 [len(records), height, width, 3].
+
+  images: the data set root folder, or an ImageSource.
+  """
+  out = np.empty((len(records), height, width, 3), np.uint8)
   start = 0
-  for batch in _decoded_batches(paths, height, width, _DECODE_BATCH, threads,
+  for batch in _decoded_batches(as_source(images), list(records), height, width, _DECODE_BATCH,
+                                threads,
                                 what="images {first}..{last} decoded for the cache"):
     out[start:start + len(batch["images"])] = batch["images"]
     start += len(batch["images"])
@@ -130,13 +138,15 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
   """
 
   def __init__(self, dataset: tf.data.Dataset, step: int, end_step: int | None,
-               steps_per_epoch: int, batch_size: int, step_paths, height: int, width: int):
+               steps_per_epoch: int, batch_size: int, step_records, source: ImageSource,
+               height: int, width: int):
     self.dataset = dataset
     self.step = step
     self.end_step = end_step
     self.steps_per_epoch = steps_per_epoch
     self.batch_size = batch_size
-    self._step_paths = step_paths
+    self._step_records = step_records
+    self._source = source
     self._size = (height, width)
     self._iterator = dataset.as_numpy_iterator()
 
@@ -146,7 +156,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     try:
       batch = next(self._iterator)
     except tf.errors.OpError as e:
-      raise _pipeline_error(e, self._step_paths(self.step), *self._size,
+      raise _pipeline_error(e, self._source, self._step_records(self.step), *self._size,
                             f"images of training step {self.step}") from None
     self.step += 1
     return batch
@@ -242,7 +252,7 @@ def train_dataset(train_set: TrainSet, *, P: int, K: int, height: int, width: in
   plan = _StepPlan(train_set, P, K, seed, process_index, process_count)
   batch_size = 3 * (plan.hi - plan.lo)
   end_step = None if num_steps is None else start_step + num_steps
-  paths = [os.path.join(train_set.root, r.path) for r in train_set.records]
+  source = train_set.source
 
   cache, cache_row = None, None
   if cache_decoded:
@@ -250,17 +260,26 @@ def train_dataset(train_set: TrainSet, *, P: int, K: int, height: int, width: in
                        for i in (*vis, *ir)})
     logging.info("decoding %d training images into a %.2f GB cache", len(drawable),
                  len(drawable) * height * width * 3 / 1e9)
-    cache = decode_images(train_set.root, [train_set.records[i] for i in drawable],
+    cache = decode_images(source, [train_set.records[i] for i in drawable],
                           height=height, width=width, threads=threads)
     cache_row = np.full(len(train_set.records), -1, np.int64)
     cache_row[drawable] = np.arange(len(drawable))
+
+  # What the source reads per record (a path, or the encoded bytes), aligned with the records.
+  items = None
+  if cache is None:
+    items = np.empty(len(train_set.records), object)
+    items[:] = source.items(train_set.records)
 
   def steps():
     step = start_step
     while end_step is None or step < end_step:
       element = plan.element(step)
-      if cache is not None:  # the two sources of each position: visible (V, Vc) and infrared
+      # The two sources of each position: visible (V, Vc) and infrared (R).
+      if cache is not None:
         element["sources"] = cache[cache_row[element["desc"][:, [0, 2]]]]
+      else:
+        element["items"] = items[element["desc"][:, [0, 2]]]
       yield element
       step += 1
 
@@ -270,7 +289,8 @@ def train_dataset(train_set: TrainSet, *, P: int, K: int, height: int, width: in
   signature["seed"] = tf.TensorSpec([b, 3, 2], tf.int64)
   if cache is not None:
     signature["sources"] = tf.TensorSpec([b, 2, height, width, 3], tf.uint8)
-  path_table = None if cache is not None else tf.constant(paths, tf.string)
+  else:
+    signature["items"] = tf.TensorSpec([b, 2], tf.string)
 
   def make_views(position):
     """One position: its visible and infrared source -> images uint8 [3, H, W, 3] (V, Vc, R)."""
@@ -279,8 +299,8 @@ def train_dataset(train_set: TrainSet, *, P: int, K: int, height: int, width: in
     if cache is not None:
       visible, infrared = tf.unstack(position.pop("sources"))
     else:  # each source decoded once, for both V and Vc
-      visible = _read_resize(tf.gather(path_table, position["desc"][0]), height, width)
-      infrared = _read_resize(tf.gather(path_table, position["desc"][2]), height, width)
+      visible, infrared = (augment.decode_resize(source.read(item), height, width)
+                           for item in tf.unstack(position.pop("items")))
     sources = (visible, visible, infrared)
     position["images"] = tf.stack([
         augment.augment_view(sources[v], position["view"][v], seeds[v], config) for v in range(3)])
@@ -300,17 +320,20 @@ def train_dataset(train_set: TrainSet, *, P: int, K: int, height: int, width: in
              .prefetch(tf.data.AUTOTUNE)
              .with_options(_options(threads)))
 
-  def step_paths(step: int) -> list[str]:
-    return [paths[i] for i in plan.desc(step)]
+  def step_records(step: int) -> list[ImageRecord]:
+    return [train_set.records[i] for i in plan.desc(step)]
 
-  return TrainIterator(dataset, start_step, end_step, plan.steps_per_epoch, batch_size, step_paths,
-                       height, width)
+  return TrainIterator(dataset, start_step, end_step, plan.steps_per_epoch, batch_size,
+                       step_records, source, height, width)
 
 
-def eval_dataset(root: str, records: Sequence[ImageRecord], *, height: int, width: int,
-                 batch_size: int, flip: bool = False,
+def eval_dataset(images: str | ImageSource, records: Sequence[ImageRecord], *, height: int,
+                 width: int, batch_size: int, flip: bool = False,
                  threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Test batches in `records` order, resized only (normalise on the device).
+
+  images: the data set root folder, or an ImageSource (data_pipelines.registry.eval_images gives
+  the one of an experiment config: its folder, or its prepared TFDS test splits).
 
   Yields ceil(len(records) / batch_size) batches of fixed size:
     images         uint8 [batch_size, height, width, 3];
@@ -321,12 +344,13 @@ def eval_dataset(root: str, records: Sequence[ImageRecord], *, height: int, widt
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
+  source = as_source(images)
   if not records:
-    raise DatasetError(f"no records to evaluate under {root!r}")
-  paths = [os.path.join(root, r.path) for r in records]
+    raise DatasetError(f"no records to evaluate in {source.describe()}")
+  records = list(records)
   modality = np.asarray([r.modality for r in records], np.int32)
   start = 0
-  for batch in _decoded_batches(paths, height, width, batch_size, threads, flip=flip):
+  for batch in _decoded_batches(source, records, height, width, batch_size, threads, flip=flip):
     n = len(batch["images"])
     yield _padded(dict(batch, modality=modality[start:start + n]), batch_size)
     start += n

@@ -109,8 +109,14 @@ def _scan(root: str, folder: str, cameras: Sequence[int], ids: Sequence[int],
 
 def query_set(root: str, direction: str = "infrared_to_visible") -> list[ImageRecord]:
   """Every test image of the query modality of `direction` (see the module docstring)."""
+  return select_query(test_records(root), direction)
+
+
+def select_query(records: Iterable[ImageRecord],
+                 direction: str = "infrared_to_visible") -> list[ImageRecord]:
+  """The query list of already-listed test records: those of the query modality, in order."""
   query_modality, _ = _modalities(direction)
-  return [r for r in test_records(root) if r.modality == query_modality]
+  return [r for r in records if r.modality == query_modality]
 
 
 def select_gallery(records: Iterable[ImageRecord], direction: str = "infrared_to_visible",

@@ -6,6 +6,7 @@ the input pipeline, the description reader and the evaluation protocols only eve
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 VISIBLE = 0
 INFRARED = 1
@@ -33,10 +34,21 @@ class ImageRecord:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSet:
-  """Training records of one data set (or one RegDB split) with its root folder."""
+  """Training records of one data set (or one RegDB split) with its root folder.
+
+  images: where the encoded images come from (data_pipelines.image_source); None: the files
+  under `root`.
+  """
   root: str
   records: tuple[ImageRecord, ...]
   num_classes: int
+  images: Any = dataclasses.field(default=None, compare=False)
+
+  @property
+  def source(self):
+    """The ImageSource of the records' images."""
+    from data_pipelines import image_source  # pylint: disable=g-import-not-at-top (no cycle)
+    return self.images if self.images is not None else image_source.FolderImages(self.root)
 
   def of_modality(self, modality: int) -> list[int]:
     """Indices into `records` of one modality."""

@@ -172,7 +172,13 @@ def query_set(root: str, mode: str = "all", split: str = "test") -> list[ImageRe
   the same for both modes (indoor search only shrinks the gallery). pid = original id.
   """
   _check_mode(mode)
-  return [r for r in test_records(root, split) if r.camid in QUERY_CAMERAS]
+  return select_query(test_records(root, split))
+
+
+def select_query(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+  """The query list of already-listed test records (`test_records` or the TFDS test splits): the
+  infrared-camera images, in the given order."""
+  return [r for r in records if r.camid in QUERY_CAMERAS]
 
 
 def select_gallery(records: Iterable[ImageRecord], mode: str = "all", trial: int = 0,

@@ -15,9 +15,12 @@ query is `test_infrared`), `llcm.select_gallery` and, for RegDB, the two test sp
 
 Registered names: sysu_mm01, regdb (configs split_1 .. split_10), llcm, eees_synthetic.
 
-  builder = tfds_builders.SysuMm01(data_dir="~/tensorflow_datasets")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir="/data/SYSU-MM01"))
+Prepare a data set once, then train from it with --config.dataset.source=tfds
+--config.dataset.tfds_data_dir=DIR (data_pipelines/registry.py reads the splits back):
+
+  python -m data_pipelines.prepare_tfds --dataset=sysu --root=data/SYSU-MM01 --data_dir=data/tfds
+  python -m data_pipelines.prepare_tfds --dataset=regdb --root=data/RegDB --data_dir=data/tfds \
+      --splits=1,2,3,4,5,6,7,8,9,10
 """
 from __future__ import annotations
 
@@ -158,6 +161,17 @@ class EeesSynthetic(_ReidBuilder):
       yield {"description": text}
 
 
+def prepare(dataset: str, root: str, data_dir: str, split: int = 1) -> tfds.core.DatasetBuilder:
+  """Prepares data set `dataset` (a data_pipelines.registry name) from its folder into `data_dir`.
+
+  split: RegDB's split (1..10); ignored by the others. A prepared builder is left as it is.
+  """
+  from data_pipelines import registry  # pylint: disable=g-import-not-at-top (it imports us lazily)
+  builder = registry.get(dataset).tfds_builder(data_dir, split)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+  return builder
+
+
 def split_records(builder: tfds.core.DatasetBuilder, split: str) -> list[ImageRecord]:
   """The records of a prepared split, in the order the reader listed them, without decoding images."""
   ds = builder.as_dataset(split=split, shuffle_files=False,
@@ -165,3 +179,4 @@ def split_records(builder: tfds.core.DatasetBuilder, split: str) -> list[ImageRe
   ds = ds.map(lambda x: {k: x[k] for k in ("path", "pid", "camid", "modality")})
   return [ImageRecord(e["path"].decode("utf-8"), int(e["pid"]), int(e["camid"]), int(e["modality"]))
           for e in tfds.as_numpy(ds)]
+

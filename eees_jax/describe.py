@@ -27,12 +27,13 @@ from absl import logging
 from ml_collections import config_flags
 from PIL import Image
 
+from data_pipelines import registry
 from data_pipelines.records import DatasetError, ImageRecord, MODALITY_NAMES
 from eees_jax.describe_lib import quality
 from eees_jax.describe_lib.errors import DescribeError
 from eees_jax.describe_lib.output import DescriptionLog
 
-DATASETS = ("sysu", "regdb", "llcm", "synthetic")
+DATASETS = registry.names()
 SPLITS = ("train", "test")
 # Keys of a record's "generation" left out of the resume check: "dtype" (a run continued on another
 # GPU or in another precision keeps its file) and "rewrite" (the rewrite settings, checked apart).
@@ -41,29 +42,6 @@ _INFORMATIONAL = ("dtype", "rewrite")
 
 # ------------------------------------------------------------------------------------------------
 # Which images: the union of the records the data set's readers return.
-
-
-def _split_records(dataset: str, root: str, split: str, config: Any) -> list[ImageRecord]:
-  """Records of one split of one data set, from the data set's own reader.
-
-  RegDB: the union over config.regdb_splits (each split's lists are a subset of the images), so one
-  file serves every split. The synthetic benchmark has the SYSU-MM01 layout.
-  """
-  if dataset in ("sysu", "synthetic"):
-    from data_pipelines import sysu_mm01
-    return list(sysu_mm01.train_set(root).records if split == "train" else sysu_mm01.test_records(root))
-  if dataset == "regdb":
-    from data_pipelines import regdb
-    out = []
-    for s in config.regdb_splits:
-      if split == "train":
-        out += regdb.train_set(root, int(s)).records
-      else:
-        visible, thermal = regdb.test_sets(root, int(s))
-        out += visible + thermal
-    return out
-  from data_pipelines import llcm
-  return list(llcm.train_set(root).records if split == "train" else llcm.test_records(root))
 
 
 def image_records(dataset: str, root: str, splits: Sequence[str], config: Any) -> list[ImageRecord]:
@@ -77,7 +55,8 @@ def image_records(dataset: str, root: str, splits: Sequence[str], config: Any) -
     raise DatasetError(f"--root={root!r} is not a folder (the unpacked {dataset} data set)")
   by_path: dict[str, ImageRecord] = {}
   for split in splits:
-    for rec in _split_records(dataset, root, split, config):
+    # The data set's own readers (RegDB: the union over config.regdb_splits, one file for all).
+    for rec in registry.get(dataset).describe_records(root, split, config):
       seen = by_path.setdefault(rec.path, rec)
       if seen.modality != rec.modality:
         raise DatasetError(f"{rec.path}: the {dataset} readers call it both visible and infrared")

@@ -86,6 +86,9 @@ def load_pretrained(config: ml_collections.ConfigDict) -> weights_lib.CLIPWeight
   path = config.model.init.checkpoint
   if not path:
     return None
+  if "pretrain" in config and config.pretrain.enabled:
+    from eees_jax import pretrain_clip  # pylint: disable=g-import-not-at-top (training only)
+    pretrain_clip.ensure_pretrained(config)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"config.model.init.checkpoint={path!r} does not exist. Download OpenAI's CLIP RN50 weights "

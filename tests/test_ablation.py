@@ -1,11 +1,81 @@
-"""The ablation runner: command lines per row, and the mean/std/range table over seeds."""
+"""The ablation runner: command lines, the per-seed table, RegDB's mean over splits, stale runs.
+
+Runs are faked: the process launch is replaced by a function that writes the report a run would write,
+with numbers that are a known function of (row, seed, split), so every table cell is computed
+here by hand.
+"""
+import json
+import os
+import re
 import statistics
 import sys
 
 import pytest
+from absl import app
 
 from configs.common import ABLATION_ROWS
 from eees_jax import ablation
+
+ROW_OFFSET = {"baseline": 0.0, "ese": 1.0, "ese_cvsc": 2.0, "ese_cmsp": 3.0, "full": 4.0}
+SETTINGS = {"regdb": ("visible to thermal", "thermal to visible"),
+            "llcm": ("infrared to visible", "visible to infrared"),
+            "synthetic": ("all-search single-shot", "indoor-search single-shot")}
+
+
+def fake_rank1(row, seed, split, setting_index):
+  return 10.0 * seed + 2.0 * (split or 0) + ROW_OFFSET[row] + 0.5 * setting_index
+
+
+def _trial(key, value, rank1, mAP):
+  cmc = [min(100.0, rank1 + i) for i in range(20)]
+  return {key: value, "rank1": rank1, "rank5": cmc[4], "rank10": cmc[9], "rank20": cmc[19],
+          "mAP": mAP, "mINP": mAP / 2, "cmc": cmc, "cmc_standard": cmc, "num_queries": 5,
+          "num_gallery": 5, "num_valid_queries": 5}
+
+
+class FakeRuns:
+  """Stands in for ablation._launch: writes <workdir>/report/results.json like eees_jax.main."""
+
+  def __init__(self, dataset):
+    self.dataset, self.commands = dataset, []
+
+  def __call__(self, cmd, log, env):
+    self.commands.append(cmd)
+    arg = lambda name: next((a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}=")), None)
+    workdir = arg("workdir")
+    row = os.path.relpath(workdir, self.root).split(os.sep)[0]
+    seed, split = int(arg("config.seed")), arg("config.dataset.split")
+    split = int(split) if split is not None else None
+    key = "split" if self.dataset == "regdb" else "trial"
+    settings = {}
+    for i, name in enumerate(SETTINGS[self.dataset]):
+      r1 = fake_rank1(row, seed, split, i)
+      t = _trial(key, split if split is not None else 0, r1, 2 * r1)
+      settings[name] = {"query": "visible", "gallery": "infrared", "reranked": False,
+                        "cmc_kind": "standard", "trials": [t],
+                        "mean": {k: v for k, v in t.items() if k != key}}
+    os.makedirs(os.path.join(workdir, "report"), exist_ok=True)
+    with open(os.path.join(workdir, "report", "results.json"), "w") as f:
+      json.dump({"dataset": self.dataset, "protocol": self.dataset, "trial_key": key,
+                 "max_rank": 20, "settings": settings}, f)
+    return 0
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+  def make(dataset):
+    runs = FakeRuns(dataset)
+    runs.root = str(tmp_path / "table")
+    monkeypatch.setattr(ablation, "_launch", runs)
+    return runs
+  return make
+
+
+@pytest.fixture
+def data_root(tmp_path):
+  root = tmp_path / "data"
+  root.mkdir()
+  return str(root)
 
 
 def test_rows_switch_exactly_the_named_terms():
@@ -20,21 +90,100 @@ def test_run_command():
   assert cmd[3:] == ["--config=configs/synthetic.py", "--workdir=w/ese/seed2", "--config.seed=2",
                      "--config.loss.cvsc.enabled=False", "--config.loss.cmsp.enabled=False",
                      "--config.dataset.holdout=True", "--config.optim.lr=3e-3"]
-
-
-def _result(r1_all, map_all, r1_in, map_in):
-  mean = lambda r1, m: {"mean": {"rank1": r1, "mAP": m}}
-  return {"settings": {"all-search single-shot": mean(r1_all, map_all),
-                       "indoor-search single-shot": mean(r1_in, map_in)}}
+  cmd = ablation.run_command("configs/regdb.py", "w/full/seed0/split4", "full", 0, [], False, 4)
+  assert cmd[5:] == ["--config.seed=0", "--config.dataset.split=4"]
 
 
 def test_summary_against_hand_computed_values():
-  runs = {"full": {0: _result(10.0, 20.0, 1, 2), 1: _result(14.0, 26.0, 3, 4), 2: _result(12.0, 20.0, 5, 6)}}
-  t = ablation.summarise(runs)["full"]["all-search single-shot"]
+  mean = lambda r1, m: {"mean": {"rank1": r1, "mAP": m}}
+  result = lambda a, b, c, d: {"settings": {"all-search single-shot": mean(a, b),
+                                            "indoor-search single-shot": mean(c, d)}}
+  runs = {"full": {0: result(10.0, 20.0, 1, 2), 1: result(14.0, 26.0, 3, 4), 2: result(12.0, 20.0, 5, 6)}}
+  settings = SETTINGS["synthetic"]
+  t = ablation.summarise(runs, settings)["full"]["all-search single-shot"]
   assert t["rank1"] == {"mean": 12.0, "std": 2.0, "min": 10.0, "max": 14.0, "n": 3}
   assert t["mAP"]["mean"] == pytest.approx(22.0) and t["mAP"]["std"] == pytest.approx(statistics.stdev([20, 26, 20]))
-  md = ablation.markdown(ablation.summarise(runs), "t")
+  md = ablation.markdown(ablation.summarise(runs, settings), settings, "t")
   assert "| full | 12.00 ± 2.00 (10.00-14.00) | 22.00 ± 3.46 (20.00-26.00) | 3.00 ± 2.00 (1.00-5.00) |" in md
+
+
+def test_regdb_mean_over_splits_in_one_command(fake, data_root):
+  runs = fake("regdb")
+  table = ablation.run_table("configs/regdb.py", runs.root, ["baseline", "full"], [0, 1],
+                             [f"dataset.root={data_root}"], splits=ablation.parse_splits(["1-3"]))
+  assert len(runs.commands) == 2 * 2 * 3
+  assert {c[-2] for c in runs.commands} == {f"--config.dataset.split={s}" for s in (1, 2, 3)}
+  # Hand-computed: a seed's value is the mean over splits 1..3 of 10 seed + 2 split + row (+ 0.5
+  # for the second direction), i.e. 10 seed + 4 + row; over seeds 0, 1: mean 9 + row, std sqrt(50).
+  for row in ("baseline", "full"):
+    for i, setting in enumerate(SETTINGS["regdb"]):
+      per_seed = [10.0 * seed + 4.0 + ROW_OFFSET[row] + 0.5 * i for seed in (0, 1)]
+      cell = table[row][setting]["rank1"]
+      assert cell["mean"] == pytest.approx(statistics.fmean(per_seed))
+      assert cell["std"] == pytest.approx(statistics.stdev(per_seed))
+      assert (cell["min"], cell["max"], cell["n"]) == (per_seed[0], per_seed[1], 2)
+      assert table[row][setting]["mAP"]["mean"] == pytest.approx(2 * statistics.fmean(per_seed))
+  md = open(os.path.join(runs.root, "ablation.md")).read()
+  assert ("| full | 13.00 ± 7.07 (8.00-18.00) | 26.00 ± 14.14 (16.00-36.00) | "
+          "13.50 ± 7.07 (8.50-18.50) | 27.00 ± 14.14 (17.00-37.00) |") in md
+  assert "visible to thermal Rank-1" in md and "mean over RegDB splits 1-3" in md
+  # Each row and seed also gets the mean-over-splits report, every split a row of it.
+  merged = json.load(open(os.path.join(runs.root, "full", "seed1", "report", "results.json")))
+  v2t = merged["settings"]["visible to thermal"]
+  assert [t["split"] for t in v2t["trials"]] == [1, 2, 3]
+  assert v2t["mean"]["rank1"] == pytest.approx(10 + 4 + 4)
+  # Run again: every run is reused, nothing is trained.
+  ablation.run_table("configs/regdb.py", runs.root, ["baseline", "full"], [0, 1],
+                     [f"dataset.root={data_root}"], splits=[1, 2, 3])
+  assert len(runs.commands) == 12
+
+
+def test_llcm_table_takes_its_settings_from_the_registry(fake, data_root):
+  runs = fake("llcm")
+  table = ablation.run_table("configs/llcm.py", runs.root, ["full"], [3],
+                             [f"dataset.root={data_root}"])
+  assert list(table["full"]) == list(SETTINGS["llcm"])
+  assert table["full"]["visible to infrared"]["rank1"]["mean"] == pytest.approx(30 + 4 + 0.5)
+
+
+def test_a_changed_config_refuses_a_finished_run_and_names_the_key(fake):
+  runs = fake("synthetic")
+  ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0], ["optim.lr=3e-3"])
+  assert len(runs.commands) == 1
+  with pytest.raises(ablation.StaleRunError) as info:
+    ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0], ["optim.lr=1e-3"])
+  assert "optim.lr: 0.003 there, 0.001 now" in str(info.value)
+  assert os.path.join(runs.root, "full", "seed0") in str(info.value)
+  with pytest.raises(ablation.StaleRunError, match="dataset.holdout: False there, True now"):
+    ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0], ["optim.lr=3e-3"], True)
+  assert len(runs.commands) == 1  # refused before running anything
+  # Options that change speed, not results, may differ: the run is reused.
+  ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0],
+                     ["optim.lr=3e-3", "input.threads=1"])
+  assert len(runs.commands) == 1
+
+
+def test_a_run_folder_without_a_record_is_refused(fake):
+  runs = fake("synthetic")
+  os.makedirs(os.path.join(runs.root, "full", "seed0", "checkpoints"))
+  with pytest.raises(ablation.StaleRunError, match="did not record"):
+    ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0])
+  assert not runs.commands
+
+
+def test_bad_overrides_and_splits_fail_before_any_run(fake, data_root):
+  runs = fake("synthetic")
+  with pytest.raises(app.UsageError, match=re.escape("optim.lr = -1.0: a finite number > 0")):
+    ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0], ["optim.lr=-1"])
+  with pytest.raises(app.UsageError, match="no_such_key"):
+    ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0], ["optim.no_such_key=1"])
+  with pytest.raises(app.UsageError, match="per-split models"):
+    ablation.run_table("configs/synthetic.py", runs.root, ["full"], [0], splits=[1])
+  with pytest.raises(app.UsageError, match=r"\[11\] are not among RegDB's splits"):
+    ablation.run_table("configs/regdb.py", runs.root, ["full"], [0], [f"dataset.root={data_root}"],
+                       splits=[10, 11])
+  assert not runs.commands
+  assert ablation.parse_splits(["1-3", "7"]) == [1, 2, 3, 7]
 
 
 def test_a_run_that_stops_without_a_report_says_how_to_resume(tmp_path):

@@ -20,6 +20,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")   # requirements-describe.txt / requirements-test.txt
 
+from data_pipelines import registry  # noqa: E402
 from data_pipelines.records import DatasetError, ImageRecord, INFRARED, VISIBLE  # noqa: E402
 from eees_jax import describe  # noqa: E402
 from eees_jax.describe_lib import models as describe_models  # noqa: E402
@@ -113,7 +114,8 @@ def data(tmp_path, monkeypatch):
   """(root, records): the fake data set's reader returns `records` for the train split."""
   root = str(tmp_path / "data")
   recs = _write_images(root)
-  monkeypatch.setattr(describe, "_split_records", lambda dataset, root_, split, config: list(recs))
+  monkeypatch.setattr(registry.get("sysu"), "describe_records",
+                      lambda root_, split, config: list(recs))
   return root, recs
 
 

@@ -104,6 +104,15 @@ def test_sysu_trials_score_their_own_gallery_draw(sysu_root):
   assert len({round(t["mAP"], 9) for t in trials}) > 1
 
 
+def test_sysu_from_given_test_records_equals_from_the_folder(sysu_root):
+  """Records passed in (e.g. from prepared TFDS splits) give the folder's lists and numbers."""
+  records = sysu_mm01.test_records(sysu_root)
+  from_folder = protocols.evaluate_sysu(FakeExtract(noise=0.8), sysu_root, trials=3, shots=(1, 2))
+  given = protocols.evaluate_sysu(FakeExtract(noise=0.8), "not/a/folder", trials=3, shots=(1, 2),
+                                  records=records)
+  assert given == from_folder
+
+
 def test_sysu_rejects_bad_extract_output(sysu_root):
   with pytest.raises(ValueError, match="one feature row per record"):
     protocols.evaluate_sysu(lambda recs: np.zeros((len(recs) + 1, 4), np.float32), sysu_root,
@@ -119,6 +128,13 @@ def _regdb_sets(split: int):
   th = [ImageRecord(f"Thermal/{split}/{p}_{n}.bmp", 100 * split + p, 2, INFRARED)
         for p in range(10) for n in range(3)]
   return vis, th
+
+
+def test_regdb_from_given_test_sets():
+  res = protocols.evaluate_regdb(lambda s: FakeExtract(noise=0.9), "unused", splits=(2,),
+                                 test_sets=_regdb_sets)
+  v2t = res["settings"]["visible to thermal"]["trials"][0]
+  assert v2t["split"] == 2 and v2t["num_queries"] == v2t["num_gallery"] == 30
 
 
 def test_regdb_both_directions_per_split_model(monkeypatch):
@@ -150,7 +166,7 @@ def test_regdb_both_directions_per_split_model(monkeypatch):
   assert t2v["mean"]["mAP"] == pytest.approx(np.mean([t["mAP"] for t in t2v["trials"]]))
 
 
-def _llcm_fakes(monkeypatch):
+def _llcm_records():
   """3 identities; visible cameras 1, 2 (2 images each), infrared cameras 1, 4 (2 images each)."""
   recs = []
   for p in (1, 2, 3):
@@ -158,40 +174,35 @@ def _llcm_fakes(monkeypatch):
       recs += [ImageRecord(f"test_vis/cam{cam}/{p:04d}/{n}.jpg", p, cam, VISIBLE) for n in range(2)]
     for cam in (1, 4):
       recs += [ImageRecord(f"test_nir/cam{cam}/{p:04d}/{n}.jpg", p, cam, INFRARED) for n in range(2)]
-
-  def query_set(root, direction):
-    q = INFRARED if direction == "infrared_to_visible" else VISIBLE
-    return [r for r in recs if r.modality == q]
-
-  def gallery_set(root, direction, trial):
-    g = VISIBLE if direction == "infrared_to_visible" else INFRARED
-    groups = collections.defaultdict(list)
-    for r in recs:
-      if r.modality == g:
-        groups[(r.pid, r.camid)].append(r)
-    return [v[trial % len(v)] for _, v in sorted(groups.items())]
-
-  monkeypatch.setattr(llcm, "query_set", query_set)
-  monkeypatch.setattr(llcm, "gallery_set", gallery_set)
-  return query_set, gallery_set
+  return recs
 
 
 @pytest.mark.parametrize("layout", ["deen", "query_gallery"])
 def test_llcm_directions_and_layouts(monkeypatch, layout):
-  query_set, gallery_set = _llcm_fakes(monkeypatch)
+  recs = _llcm_records()
+  monkeypatch.setattr(llcm, "test_records", lambda root: recs)
   extract = FakeExtract(signal=1.0, noise=0.7)
   res = protocols.evaluate_llcm(extract, "unused", trials=2, layout=layout)
+  assert res == protocols.evaluate_llcm(FakeExtract(1.0, 0.7), None, trials=2, layout=layout,
+                                        records=recs)  # records passed in, e.g. from TFDS
   assert extract.calls == 1 and max(extract.seen.values()) == 1
+  assert res["layout"] == layout
   i2v, v2i = res["settings"]["infrared to visible"], res["settings"]["visible to infrared"]
-  assert (i2v["query"], i2v["gallery"]) == ("infrared", "visible")
+  assert (i2v["query"], i2v["gallery"]) == ("infrared", "visible") and "note" not in i2v
   assert i2v["trials"][0]["num_queries"] == 12 and i2v["trials"][0]["num_gallery"] == 6
+  infrared = [r for r in recs if r.modality == INFRARED]
+  visible = [r for r in recs if r.modality == VISIBLE]
+  drawn_infrared = llcm.select_gallery(recs, "visible_to_infrared", 1)
+  assert {(r.pid, r.camid) for r in drawn_infrared} == {(r.pid, r.camid) for r in infrared}
+  assert len(drawn_infrared) == 6
   if layout == "deen":  # DEEN ranks all visible images for each drawn infrared image
     assert (v2i["query"], v2i["gallery"]) == ("infrared", "visible")
+    assert "DEEN" in v2i["note"] and "each drawn infrared image" in v2i["note"]
     assert v2i["trials"][0]["num_queries"] == 6 and v2i["trials"][0]["num_gallery"] == 12
-    q, g = gallery_set(None, "visible_to_infrared", 1), query_set(None, "visible_to_infrared")
+    q, g = drawn_infrared, visible
   else:
-    assert (v2i["query"], v2i["gallery"]) == ("visible", "infrared")
-    q, g = query_set(None, "visible_to_infrared"), gallery_set(None, "visible_to_infrared", 1)
+    assert (v2i["query"], v2i["gallery"]) == ("visible", "infrared") and "note" not in v2i
+    q, g = visible, drawn_infrared
   feats = lambda rs: np.stack([extract.feature(r) for r in rs])
   want = agw_loop_oracle(metrics.cosine_distance(feats(q), feats(g)), [r.pid for r in q],
                          [r.pid for r in g], [r.camid for r in q], [r.camid for r in g], "llcm")

@@ -113,3 +113,55 @@ def test_ranked_list_sheet_hides_protocol_removals_and_takes_indices(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     report.ranked_list_sheet(ranked, queries, gallery, str(tmp_path / "nowhere"),
                              str(tmp_path / "s.png"), top=2)
+
+
+@pytest.mark.parametrize("layout", ["deen", "query_gallery"])
+def test_llcm_report_says_which_way_each_direction_was_ranked(layout):
+  """DEEN's visible-to-infrared ranks visible images for drawn infrared ones: the report says so."""
+  from eees_jax.evaluation import protocols
+  recs = [ImageRecord(f"{m}/cam{cam}/{p}/{n}.jpg", p, cam, modality)
+          for p in (1, 2) for m, modality, cams in (("vis", VISIBLE, (1, 2)), ("nir", INFRARED, (1, 4)))
+          for cam in cams for n in range(2)]
+  feature = lambda r: np.eye(4, dtype=np.float32)[r.pid] + 0.01 * (hash(r.path) % 7)
+  results = protocols.evaluate_llcm(lambda rs: np.stack([feature(r) for r in rs]), None, trials=1,
+                                    layout=layout, records=recs)
+  md = report.results_markdown(results, "LLCM")
+  rows = {}  # setting -> its row of the summary table (the first table)
+  for line in md.splitlines():
+    if line.startswith("| "):
+      rows.setdefault(line.split(" | ")[0][2:], line)
+  assert "| infrared → visible | plain |" in rows["infrared to visible"]
+  if layout == "deen":
+    assert "| infrared → visible (see note) | plain |" in rows["visible to infrared"]
+    assert "Note (visible to infrared): DEEN layout" in md
+    assert "each drawn infrared image (one per identity and camera, per trial) ranks all visible" in md
+  else:
+    assert "| visible → infrared | plain |" in rows["visible to infrared"]
+    assert "Note" not in md and "DEEN layout" not in md
+
+
+def test_ranked_list_sheet_reads_images_from_an_image_source(tmp_path):
+  """Prepared TFDS splits have no files: the sheet takes the images' bytes from the source."""
+  import io
+  from data_pipelines.image_source import ImageSource
+
+  def png(colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+  class Memory(ImageSource):
+    data = {"q.png": png((0, 0, 255)), "a.png": png((255, 0, 0)), "b.png": png((0, 255, 0))}
+    describe = lambda self: "memory"
+    location = lambda self, r: r.path
+    items = lambda self, rs: [self.data[r.path] for r in rs]
+    read = lambda self, item: item
+    read_bytes = lambda self, r: self.data[r.path]
+
+  q = [ImageRecord("q.png", 1, 3, INFRARED)]
+  g = [ImageRecord("a.png", 2, 1, VISIBLE), ImageRecord("b.png", 1, 1, VISIBLE)]
+  shown = report.ranked_list_sheet(np.array([[0.2, 0.1]]), q, g, Memory(), str(tmp_path / "s.png"),
+                                   top=2, cell=(16, 32))
+  assert shown == [[1, 0]]
+  sheet = np.asarray(Image.open(tmp_path / "s.png"))
+  assert tuple(sheet[16, 8]) == (0, 0, 255)  # the query's own pixels, from the source's bytes

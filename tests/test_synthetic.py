@@ -1,4 +1,5 @@
 """Synthetic benchmark: determinism, SYSU-MM01 layout, modality rendering, description noise."""
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -46,8 +47,8 @@ def test_byte_identical_for_a_seed_and_any_worker_count(tmp_path):
 
 def test_layout(dataset):
   root, summary, truth = dataset
-  assert sorted(os.listdir(root)) == ["cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "descriptions.jsonl",
-                                      "exp", "synthetic.json"]
+  assert sorted(os.listdir(root)) == ["cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "captions.jsonl",
+                                      "descriptions.jsonl", "exp", "synthetic.json"]
   ids = {}
   for split in ("train", "val", "test"):
     text = open(os.path.join(root, "exp", f"{split}_id.txt")).read()
@@ -119,64 +120,157 @@ def _load_simple_tokenizer():
   return module.SimpleTokenizer()
 
 
-def _slots(identity):
-  """(slot, true colour, noun phrase that follows the colour word) of one identity."""
-  upper = synthetic.UPPER_NOUNS[(identity["sleeve"], identity["upper_material"])]
-  lower = synthetic.LOWER_NOUNS[(identity["lower_type"], identity["lower_material"])]
-  slots = [("hair", identity["hair_colour"], "hair"),
-           ("upper", identity["upper_colour"], upper),
-           ("lower", identity["lower_colour"], lower),
-           ("shoes", identity["shoe_colour"], identity["shoes"])]
-  if identity["bag"] != "none":
-    slots.append(("bag", identity["bag_colour"], identity["bag"]))
-  return slots
+# The nouns a caption can use for each slot: a slot the caption does not state uses none of them.
+_NOUNS = {"upper": sorted(set(synthetic.UPPER_NOUNS.values()), key=len, reverse=True),
+          "lower": sorted(set(synthetic.LOWER_NOUNS.values()), key=len, reverse=True),
+          "shoes": ["sneakers", "boots"], "bag": ["backpack", "handbag"]}
 
 
-def test_descriptions(dataset):
-  root, summary, truth = dataset
-  lines = open(os.path.join(root, "descriptions.jsonl"), encoding="utf-8").read().splitlines()
-  records = [json.loads(line) for line in lines]
+def _truth_value(identity, slot):
+  """What is true of `slot`, from synthetic.json alone (independent of the captioner's code)."""
+  return {"gender": {"value": identity["gender"]}, "build": {"value": identity["build"]},
+          "height": {"value": identity["height"]},
+          "hair": {"length": identity["hair_length"], "colour": identity["hair_colour"]},
+          "upper": {"noun": synthetic.UPPER_NOUNS[(identity["sleeve"], identity["upper_material"])],
+                    "colour": identity["upper_colour"]},
+          "lower": {"noun": synthetic.LOWER_NOUNS[(identity["lower_type"], identity["lower_material"])],
+                    "colour": identity["lower_colour"]},
+          "shoes": {"noun": identity["shoes"], "colour": identity["shoe_colour"]},
+          "bag": {"noun": identity["bag"], "colour": identity["bag_colour"]}}[slot]
+
+
+def _caption_data(root):
+  captions = {json.loads(l)["image"]: json.loads(l)
+              for l in open(os.path.join(root, "descriptions.jsonl"), encoding="utf-8")}
+  truths = [json.loads(l) for l in open(os.path.join(root, "captions.jsonl"), encoding="utf-8")]
+  return captions, truths
+
+
+def test_captions_state_a_subset_of_what_the_image_shows(dataset):
+  root, _, truth = dataset
+  captions, truths = _caption_data(root)
   images = sorted(os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
                   for d, _, names in os.walk(root) for n in names if n.endswith(".jpg"))
-  assert [r["image"] for r in records] == images  # Every image, train and test, in path order.
+  assert sorted(captions) == images and [t["image"] for t in truths] == images
   tokenizer = _load_simple_tokenizer()
-  colour_words = set(synthetic.COLOUR_WORDS)
-  outcomes = {"visible": [], "infrared": []}
-  for r in records:
-    cam, pid = int(r["image"][3]), int(r["image"][5:9])
-    infrared = cam in (3, 6)
-    assert r["modality"] == ("infrared" if infrared else "visible")
-    assert r["model"] and r["prompt"] and r["rewritten"] is None and r["flags"] == []
-    text = r["description"]
-    assert len(tokenizer.encode(text)) + 2 <= 77, text
-    identity = truth[pid]
-    assert re.search(rf"\b{identity['gender']}\b", text), text
-    for slot, colour, noun in _slots(identity):
-      match = re.search(rf"(\S+) {re.escape(noun)}(?![\w:-])", text)  # Not "hair:" of "hair: ...".
-      assert match, (noun, text)
-      word = match.group(1)
-      outcome = ("missing" if word not in colour_words else "correct" if word == colour else "wrong")
-      outcomes["infrared" if infrared else "visible"].append(outcome)
-    if not infrared:
-      assert ("striped" in text) == (identity["upper_pattern"] == "striped")
-  assert set(outcomes["visible"]) == {"correct"}
-  infrared = outcomes["infrared"]
-  rates = {k: infrared.count(k) / len(infrared) for k in ("missing", "wrong", "correct")}
-  assert len(outcomes["infrared"]) > 300
-  assert abs(rates["missing"] - 0.5) < 0.08 and abs(rates["wrong"] - 0.25) < 0.07, rates
+  counts, errors, colour = collections.Counter(), collections.Counter(), collections.Counter()
+  union = collections.defaultdict(set)
+  for t in truths:
+    identity, infrared = truth[t["pid"]], t["camid"] in (3, 6)
+    text = captions[t["image"]]["description"]
+    assert captions[t["image"]]["modality"] == ("infrared" if infrared else "visible")
+    assert len(tokenizer.encode(text)) + 2 <= 48, text       # the synthetic text tower's context
+    stated, visible = t["stated"], t["visible"]
+    assert "gender" in stated and set(stated) <= set(visible), t
+    stateable = [s for s in visible if s != "gender" and not (s == "build" and identity["build"] == "medium")
+                 and not (s == "height" and identity["height"] == "average")]
+    assert min(3, 1 + len(stateable)) <= len(stated) <= 6, t
+    # Hidden parts are never visible: no shoes behind a railing / far away, no far-side handbag.
+    if identity["bag"] == "none":
+      assert "bag" not in visible
+    for slot, nouns in _NOUNS.items():
+      mentioned = [n for n in nouns if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text)]
+      if slot not in stated:
+        assert not mentioned, (slot, text)
+      else:
+        said = stated[slot]["said"]
+        assert said["noun"] in mentioned, (slot, text)
+        if said.get("colour") and not stated[slot].get("partial"):
+          assert f"{said['colour']} {said['noun']}" in text, (slot, text)
+    assert re.search(rf"\b{stated['gender']['said']['value']}\b", text), text
+    # The recorded correctness agrees with synthetic.json.
+    for slot, s in stated.items():
+      true = _truth_value(identity, slot)
+      ok = all(s["said"][k] == v for k, v in true.items()
+               if not (k == "colour" and s.get("colour") == "missing"))
+      assert ok == s["correct"], (slot, s, true)
+      counts[infrared] += 1
+      errors[infrared] += not ok
+      if "colour" in s and not s.get("partial"):
+        colour[(infrared, s["colour"])] += 1
+    union[t["pid"]] |= set(stated)
+  # About 5% of stated attributes are wrong in visible captions (shape slots and colour mix-ups).
+  assert abs(errors[False] / counts[False] - 0.05) < 0.02, errors
+  # Infrared colour words: half missing, a quarter wrong (plus the 5% visible-style errors).
+  ir = {k: colour[(True, k)] for k in ("missing", "wrong", "correct")}
+  total = sum(ir.values())
+  assert total > 300
+  assert abs(ir["missing"] / total - 0.5) < 0.08 and abs(ir["wrong"] / total - 0.27) < 0.07, ir
+  # Views of one person say different things: each caption misses something their union states.
+  per_image = np.mean([len(t["stated"]) for t in truths])
+  per_person = np.mean([len(u) for u in union.values()])
+  assert per_image < 5 and per_person > per_image + 1.5, (per_image, per_person)
 
 
-def test_noise_rates_are_settings(tmp_path):
-  root = synthetic.generate(str(tmp_path / "clean"), num_ids=4, images_per_camera=2, height=32, width=16,
-                            ir_colour_missing=0.0, ir_colour_wrong=0.0)["out"]
-  with open(os.path.join(root, "synthetic.json")) as f:
-    truth = {i["pid"]: i for i in json.load(f)["identities"]}
-  for line in open(os.path.join(root, "descriptions.jsonl")):
-    r = json.loads(line)
-    for _, colour, noun in _slots(truth[int(r["image"][5:9])]):
-      assert f"{colour} {noun}" in r["description"]
+def test_caption_noise_settings(tmp_path):
+  root = synthetic.generate(str(tmp_path / "clean"), num_ids=6, images_per_camera=2, height=32,
+                            width=16, ir_colour_missing=0.0, ir_colour_wrong=0.0, visible_wrong=0.0,
+                            min_slots=8, max_slots=8)["out"]
+  _, truths = _caption_data(root)
+  for t in truths:
+    stateable = {s for s in t["visible"]}
+    person = json.load(open(os.path.join(root, "synthetic.json")))["identities"][t["pid"] - 1]
+    stateable -= {"build"} if person["build"] == "medium" else set()
+    stateable -= {"height"} if person["height"] == "average" else set()
+    assert set(t["stated"]) == stateable                       # max_slots=8: all that is shown
+    assert all(s["correct"] for s in t["stated"].values())     # no noise: every statement right
   with pytest.raises(ValueError, match="noise rates"):
     synthetic.generate(str(tmp_path / "bad"), num_ids=4, ir_colour_missing=0.8, ir_colour_wrong=0.3)
+  with pytest.raises(ValueError, match="min_slots"):
+    synthetic.generate(str(tmp_path / "bad2"), num_ids=4, min_slots=5, max_slots=4)
+
+
+def _find_plan(seed, pid, camid, **want):
+  for index in range(1, 400):
+    plan = synthetic.image_plan(seed, pid, camid, index)
+    if all(getattr(plan, k) == v for k, v in want.items()):
+      return index, plan
+  raise AssertionError(f"no image plan with {want}")
+
+
+def test_what_a_view_shows_is_what_is_drawn():
+  base = dataclasses.replace(synthetic.sample_identity(0, 5, "train"), bag="handbag",
+                             bag_material="leather", bag_colour="red", upper_colour="blue",
+                             lower_type="trousers", lower_material="denim")
+  no_bag = dataclasses.replace(base, bag="none", bag_material="none", bag_colour="none")
+
+  def bag_pixels(index):  # pixels the handbag changes in camera 1
+    a = synthetic.render_image(base, 1, index, 128, 64, seed=0).astype(int)
+    b = synthetic.render_image(no_bag, 1, index, 128, 64, seed=0).astype(int)
+    return int((np.abs(a - b).max(axis=2) > 40).sum())
+
+  near, plan = _find_plan(0, 5, 1, view="side", handbag_near=True, distance="near", occluder="none")
+  assert synthetic.visible_parts(base, plan)["bag"] == "full"
+  far, plan = _find_plan(0, 5, 1, view="side", handbag_near=False, distance="near", occluder="none")
+  assert "bag" not in synthetic.visible_parts(base, plan)
+  assert bag_pixels(far) < 0.25 * bag_pixels(near), (bag_pixels(far), bag_pixels(near))
+  front, plan = _find_plan(0, 5, 1, view="front", distance="near")
+  backpack = dataclasses.replace(base, bag="backpack", bag_material="nylon")
+  assert synthetic.visible_parts(backpack, plan)["bag"] == "partial"   # straps only
+  _, plan = _find_plan(0, 5, 1, view="back")
+  assert synthetic.visible_parts(backpack, plan)["bag"] == "full"
+  _, plan = _find_plan(0, 5, 1, distance="far")
+  parts = synthetic.visible_parts(base, plan)
+  assert "shoes" not in parts and "bag" not in parts                   # too small to name
+  _, plan = _find_plan(0, 5, 1, occluder="legs", distance="near")
+  assert "shoes" not in synthetic.visible_parts(base, plan)
+
+
+def test_attribute_oracle_on_a_hand_made_set():
+  from data_pipelines.synthetic import oracle
+  make = lambda pid, cams, **kw: dataclasses.replace(synthetic.sample_identity(0, 1, "test"), pid=pid,
+                                                      cameras=cams, **kw)
+  people = [make(1, (1, 3)), make(2, (2, 3, 6)),                      # same infrared attributes
+            make(3, (4, 6), upper_colour="red"),                       # differs by colour only: same
+            make(4, (1, 3), bag="handbag", bag_material="leather"),    # unique
+            make(5, (5, 6), split="train")]                            # not a test id
+  # Queries (2 images per infrared camera): ids 1, 2, 3 share attributes -> 1/3 each; id 4 -> 1.
+  # Weighted by queries: (2 * 1/3 + 4 * 1/3 + 2 * 1/3 + 2 * 1) / 10 = 46.67%.
+  assert oracle.expected_rank1(people, 2, mode="all") == pytest.approx(100 * (8 / 3 + 2) / 10)
+  # Indoor gallery (cameras 1, 2): id 3 has no indoor image, so it is neither gallery nor query:
+  # ids 1 and 2 share (1/2 each), id 4 unique -> (2 * 1/2 + 4 * 1/2 + 2 * 1) / 8.
+  assert oracle.expected_rank1(people, 2, mode="indoor") == pytest.approx(100 * 5 / 8)
+  assert oracle.distinct_signatures(people) == (4, 1)
 
 
 def test_refuses_non_empty_out(tmp_path, capsys):
@@ -219,5 +313,46 @@ def test_ensure_synthetic_refuses_a_set_made_with_other_settings(tmp_path):
   assert os.path.isfile(tmp_path / "s" / synthetic.MARKER)
   datasets.ensure_synthetic(cfg)                     # same settings: reused
   cfg.generate.seed = 1
-  with pytest.raises(DatasetError, match=r"seed: 0 there, 1 in config.dataset.generate"):
+  with pytest.raises(DatasetError, match=r"seed: 0 there, 1 in the config"):
     datasets.ensure_synthetic(cfg)
+  cfg.generate.seed = 0
+  marker = tmp_path / "s" / synthetic.MARKER
+  old = json.loads(marker.read_text())
+  marker.write_text(json.dumps({**old, "version": 1}))
+  with pytest.raises(DatasetError, match="generator version 1"):
+    datasets.ensure_synthetic(cfg)
+
+
+def test_a_kill_while_publishing_leaves_a_usable_folder(tmp_path, monkeypatch):
+  """Killed between the renames that swap the new set in: the next run regenerates, never refuses."""
+  import ml_collections
+  from data_pipelines import datasets
+  from data_pipelines.synthetic import writer
+  gen = dict(num_ids=4, images_per_camera=1, height=32, width=16, seed=0, val_fraction=0.3)
+  cfg = ml_collections.ConfigDict(dict(root=str(tmp_path / "s"), generate=gen))
+  datasets.ensure_synthetic(cfg)
+  real_replace = os.replace
+
+  def dying_replace(src, dst):
+    if os.fspath(dst) == cfg.root:   # the old set is retired, the new one not yet in place
+      raise KeyboardInterrupt("simulated kill")
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(writer.os, "replace", dying_replace)
+  with pytest.raises(KeyboardInterrupt):
+    synthetic.generate(cfg.root, overwrite=True, **{**gen, "seed": 1})
+  monkeypatch.setattr(writer.os, "replace", real_replace)
+  assert not os.path.exists(cfg.root)                 # neither half of a set ...
+  datasets.ensure_synthetic(cfg)                      # ... so the next run simply generates
+  assert json.load(open(tmp_path / "s" / synthetic.MARKER))["settings"]["seed"] == 0
+  assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []  # leftovers removed
+
+
+def test_pretraining_set_has_only_training_identities(tmp_path):
+  summary = synthetic.generate(str(tmp_path / "p"), num_ids=5, images_per_camera=1, height=32,
+                               width=16, seed=11, purpose="pretrain")
+  assert summary["ids"] == {"pretrain": 5} and summary["oracle"] is None
+  assert open(tmp_path / "p" / "exp" / "train_id.txt").read() == "1,2,3,4,5\n"
+  assert open(tmp_path / "p" / "exp" / "test_id.txt").read() == "\n"
+  people = json.load(open(tmp_path / "p" / synthetic.MARKER))["identities"]
+  assert people[0] == json.loads(json.dumps(dataclasses.asdict(synthetic.sample_identity(11, 1, "pretrain"))))

@@ -2,7 +2,8 @@
 
 The caller passes `extract(records) -> float32 [n, d]`: one feature row per ImageRecord, raw or
 L2-normalised (each record carries its modality, so the extractor picks the right stem). A runner
-lists the protocol's images through data_pipelines, extracts every distinct image exactly once,
+lists the protocol's images through data_pipelines (from the data set folder, or from test records
+the caller passes, e.g. those of prepared TFDS splits), extracts every distinct image exactly once,
 ranks with cosine distance (1 - cosine similarity, smaller is closer) and scores each trial with
 `metrics.evaluate_features`.
 
@@ -14,6 +15,7 @@ Results (the structure `report.write_report` consumes), percentages in [0, 100]:
      "all-search single-shot": {
        "query": "infrared", "gallery": "visible", "cmc_kind": "unique-identity",
        "reranked": False,
+       "note": "...",                        # only where the ranking is not plain query -> gallery
        "trials": [{"trial": 0, "rank1": .., "rank5": .., "rank10": .., "rank20": .., "mAP": ..,
                    "mINP": .., "cmc": [max_rank], "cmc_standard": [max_rank],
                    "num_queries": .., "num_gallery": .., "num_valid_queries": ..}, ...],
@@ -23,6 +25,7 @@ Results (the structure `report.write_report` consumes), percentages in [0, 100]:
 "cmc" is the curve the protocol reports (AGW/DEEN: the unique-identity CMC for SYSU-MM01 and LLCM,
 the standard CMC for RegDB); rank-k values are read from it. With `rerank` set, every setting gets
 a twin "<name> (re-ranked)" with "reranked": True, scored on k-reciprocal re-ranked distances.
+LLCM results also carry "layout" ("deen" or "query_gallery", see `evaluate_llcm`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,12 @@ SYSU_MODES = ("all", "indoor")
 REGDB_DIRECTIONS = ("visible_to_thermal", "thermal_to_visible")
 LLCM_DIRECTIONS = ("infrared_to_visible", "visible_to_infrared")
 LLCM_LAYOUTS = ("deen", "query_gallery")
+RERANKED_SUFFIX = " (re-ranked)"
+DEEN_TRANSPOSED_NOTE = (
+    "DEEN layout: as DEEN's test.py, this direction ranks the transposed matrix, so each drawn "
+    "infrared image (one per identity and camera, per trial) ranks all visible test images; these "
+    "are the numbers DEEN publishes as visible to infrared. --config.eval.llcm_layout=query_gallery "
+    "ranks the drawn infrared gallery for every visible query instead.")
 _METRIC_KEYS = tuple(f"rank{k}" for k in RANKS) + ("mAP", "mINP")
 
 
@@ -114,15 +123,21 @@ class _Collector:
                     "max_rank": max_rank, "trial_key": trial_key, "settings": {}}
     self.protocol, self.max_rank, self.trial_key, self.rerank = protocol, max_rank, trial_key, rerank
 
-  def _setting(self, name: str, query: str, gallery: str, reranked: bool) -> dict:
-    key = f"{name} (re-ranked)" if reranked else name
-    return self.results["settings"].setdefault(key, {
-        "query": query, "gallery": gallery, "reranked": reranked, "trials": [],
-        "cmc_kind": "standard" if self.protocol == "regdb" else "unique-identity"})
+  def _setting(self, name: str, query: str, gallery: str, reranked: bool,
+               note: str | None) -> dict:
+    key = name + RERANKED_SUFFIX if reranked else name
+    setting = {"query": query, "gallery": gallery, "reranked": reranked, "trials": [],
+               "cmc_kind": "standard" if self.protocol == "regdb" else "unique-identity"}
+    if note:
+      setting["note"] = note
+    return self.results["settings"].setdefault(key, setting)
 
   def add(self, name: str, trial: int, q_feats, q_records, g_feats, g_records,
-          chunk_size: int | None) -> None:
-    """Scores one trial of setting `name` (and its re-ranked twin when re-ranking is on)."""
+          chunk_size: int | None, note: str | None = None) -> None:
+    """Scores one trial of setting `name` (and its re-ranked twin when re-ranking is on).
+
+    note: how the setting's ranking differs from plain query -> gallery (goes into the report).
+    """
     q_pids, q_cams = _labels(q_records)
     g_pids, g_cams = _labels(g_records)
     query = MODALITY_NAMES[q_records[0].modality]
@@ -130,14 +145,14 @@ class _Collector:
     res = metrics.evaluate_features(q_feats, g_feats, q_pids, g_pids, q_cams, g_cams,
                                     protocol=self.protocol, max_rank=self.max_rank,
                                     metric="cosine", chunk_size=chunk_size)
-    self._setting(name, query, gallery, False)["trials"].append(
+    self._setting(name, query, gallery, False, note)["trials"].append(
         {self.trial_key: trial, **summarize(res)})
     if self.rerank is not None:
       from eees_jax.evaluation import reranking
       dist = reranking.k_reciprocal_rerank(q_feats, g_feats, **self.rerank)
       res = metrics.evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol=self.protocol,
                              max_rank=self.max_rank, chunk_size=chunk_size)
-      self._setting(name, query, gallery, True)["trials"].append(
+      self._setting(name, query, gallery, True, note)["trials"].append(
           {self.trial_key: trial, **summarize(res)})
 
   def finish(self) -> dict:
@@ -169,11 +184,21 @@ def sysu_setting_name(mode: str, shots: int) -> str:
   return f"{mode}-search {shot}"
 
 
+def direction_setting_name(direction: str) -> str:
+  """"visible to thermal" for RegDB's / LLCM's direction "visible_to_thermal"."""
+  return direction.replace("_", " ")
+
+
+def setting_names(names: Sequence[str], reranked: bool) -> list[str]:
+  """The settings a runner reports for `names`, in order: each followed by its re-ranked twin."""
+  return [n for name in names for n in ((name, name + RERANKED_SUFFIX) if reranked else (name,))]
+
+
 def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES,
                   shots: Sequence[int] = (1,), trials: int | Sequence[int] = 10,
                   max_rank: int = 20, gallery_source: str = "random",
                   chunk_size: int | None = None, rerank: dict | None = None,
-                  split: str = "test") -> dict:
+                  split: str = "test", records: Sequence[ImageRecord] | None = None) -> dict:
   """SYSU-MM01: infrared queries (cameras 3, 6) against per-trial visible galleries.
 
   For each mode ("all": cameras 1, 2, 4, 5; "indoor": 1, 2) and shots (1 single-shot, 10
@@ -183,6 +208,8 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
   AGW eval_sysu rules (camera-3 queries ignore camera 2; unique-identity CMC).
   rerank: None, or k-reciprocal options {"k1", "k2", "lambda_value"} (adds re-ranked settings).
   split: "test" (the protocol), or "val" to score held-out training identities while tuning.
+  records: the split's test records (sysu_mm01.test_records, or the prepared TFDS test splits);
+    None lists them from `root`. The official gallery is always read from `root`.
   """
   from data_pipelines import sysu_mm01
   trial_ids = _trial_list(trials)
@@ -192,10 +219,18 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
   for s in shots:
     if int(s) < 1:
       raise ValueError(f"shots must be >= 1, got {s}")
-  extra = {} if gallery_source == "random" else {"source": gallery_source}
-  queries = {mode: sysu_mm01.query_set(root, mode, split=split) for mode in modes}
-  galleries = {(mode, s, t): sysu_mm01.gallery_set(root, mode, t, shots=s, split=split, **extra)
-               for mode in modes for s in shots for t in trial_ids}
+  if gallery_source not in sysu_mm01.GALLERY_SOURCES:
+    raise ValueError(f"gallery source must be one of {sysu_mm01.GALLERY_SOURCES}, "
+                     f"got {gallery_source!r}")
+  test = list(records) if records is not None else sysu_mm01.test_records(root, split)
+  queries = {mode: sysu_mm01.select_query(test) for mode in modes}
+
+  def gallery(mode, s, t):
+    if gallery_source == "random":
+      return sysu_mm01.select_gallery(test, mode, t, shots=s)
+    return sysu_mm01.gallery_set(root, mode, t, shots=s, source=gallery_source, split=split)
+
+  galleries = {(mode, s, t): gallery(mode, s, t) for mode in modes for s in shots for t in trial_ids}
   for what, lists in (("query", queries), ("gallery", galleries)):
     for key, recs in lists.items():
       if not recs:
@@ -218,7 +253,9 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
 def evaluate_regdb(extract_for_split: Callable[[int], Extract], root: str,
                    splits: Iterable[int] = range(1, 11),
                    directions: Sequence[str] = REGDB_DIRECTIONS, max_rank: int = 20,
-                   chunk_size: int | None = None, rerank: dict | None = None) -> dict:
+                   chunk_size: int | None = None, rerank: dict | None = None,
+                   test_sets: Callable[[int], tuple[Sequence[ImageRecord], Sequence[ImageRecord]]]
+                   | None = None) -> dict:
   """RegDB: visible->thermal and thermal->visible on each split's test lists, mean over splits.
 
   RegDB trains one model per split, so the caller passes `extract_for_split(split) -> extract`,
@@ -226,6 +263,8 @@ def evaluate_regdb(extract_for_split: Callable[[int], Extract], root: str,
   a training run of one split passes splits=(split,)). Each split's visible and thermal test
   images are extracted once and serve both directions. Scored with the AGW eval_regdb rules
   (nothing removed, standard CMC).
+  test_sets: split -> (visible, thermal) test records (e.g. from prepared TFDS splits); None reads
+    the split's lists under `root` (data_pipelines.regdb.test_sets).
   """
   from data_pipelines import regdb
   splits = [int(s) for s in splits]
@@ -236,20 +275,21 @@ def evaluate_regdb(extract_for_split: Callable[[int], Extract], root: str,
       raise ValueError(f"RegDB direction must be one of {REGDB_DIRECTIONS}, got {d!r}")
   out = _Collector("RegDB", "regdb", max_rank, "split", _check_rerank(rerank))
   for split in splits:
-    visible, thermal = regdb.test_sets(root, split)
+    visible, thermal = test_sets(split) if test_sets is not None else regdb.test_sets(root, split)
     extract = extract_for_split(split)
     bank = FeatureBank(extract, list(visible) + list(thermal), f"RegDB split {split} test")
     sets = {"visible": (visible, bank.take(visible)), "thermal": (thermal, bank.take(thermal))}
     for d in directions:
       (q_records, q_feats), (g_records, g_feats) = (sets[m] for m in d.split("_to_"))
-      out.add(d.replace("_", " "), split, q_feats, q_records, g_feats, g_records, chunk_size)
+      out.add(direction_setting_name(d), split, q_feats, q_records, g_feats, g_records, chunk_size)
   return out.finish()
 
 
 def evaluate_llcm(extract: Extract, root: str, trials: int | Sequence[int] = 10,
                   directions: Sequence[str] = LLCM_DIRECTIONS, layout: str = "deen",
                   max_rank: int = 20, chunk_size: int | None = None,
-                  rerank: dict | None = None) -> dict:
+                  rerank: dict | None = None,
+                  records: Sequence[ImageRecord] | None = None) -> dict:
   """LLCM: both search directions over `trials` gallery draws, as in the DEEN code base.
 
   For a direction, data_pipelines.llcm.query_set lists every test image of the query modality and
@@ -259,8 +299,10 @@ def evaluate_llcm(extract: Extract, root: str, trials: int | Sequence[int] = 10,
   layout: DEEN's test.py ranks the two lists differently per direction. "deen" (default, the
   numbers DEEN publishes): infrared_to_visible ranks the drawn visible gallery for every infrared
   query; visible_to_infrared ranks ALL visible test images for each DRAWN infrared image (DEEN
-  transposes the matrix for this direction). "query_gallery": both directions rank the drawn
-  gallery for every query image.
+  transposes the matrix for this direction; the setting's "note" says so in the report).
+  "query_gallery": both directions rank the drawn gallery for every query image.
+  records: the test records (llcm.test_records, or the prepared TFDS test splits); None lists them
+    from `root`.
   """
   from data_pipelines import llcm
   if layout not in LLCM_LAYOUTS:
@@ -269,19 +311,54 @@ def evaluate_llcm(extract: Extract, root: str, trials: int | Sequence[int] = 10,
     if d not in LLCM_DIRECTIONS:
       raise ValueError(f"LLCM direction must be one of {LLCM_DIRECTIONS}, got {d!r}")
   trial_ids = _trial_list(trials)
-  queries = {d: llcm.query_set(root, d) for d in directions}
-  galleries = {(d, t): llcm.gallery_set(root, d, t) for d in directions for t in trial_ids}
+  test = list(records) if records is not None else llcm.test_records(root)
+  queries = {d: llcm.select_query(test, d) for d in directions}
+  galleries = {(d, t): llcm.select_gallery(test, d, t) for d in directions for t in trial_ids}
   bank = FeatureBank(extract, [r for recs in queries.values() for r in recs]
                      + [r for recs in galleries.values() for r in recs], "LLCM test")
   out = _Collector("LLCM", "llcm", max_rank, "trial", _check_rerank(rerank))
+  out.results["layout"] = layout
   for d in directions:
+    transposed = layout == "deen" and d == "visible_to_infrared"
     for t in trial_ids:
       q_records, g_records = queries[d], galleries[(d, t)]
-      if layout == "deen" and d == "visible_to_infrared":
+      if transposed:
         q_records, g_records = g_records, q_records
-      out.add(d.replace("_", " "), t, bank.take(q_records), q_records, bank.take(g_records),
-              g_records, chunk_size)
+      out.add(direction_setting_name(d), t, bank.take(q_records), q_records, bank.take(g_records),
+              g_records, chunk_size, note=DEEN_TRANSPOSED_NOTE if transposed else None)
   return out.finish()
+
+
+def merge_splits(per_split: Sequence[dict]) -> dict:
+  """One results dict from runs that each scored their own split (RegDB: one model per split).
+
+  Every setting's trials are the splits in the given order; its mean is the mean over the splits,
+  as RegDB results are reported.
+  """
+  if not per_split:
+    raise ValueError("no per-split results to merge")
+  first = per_split[0]
+  out = {k: v for k, v in first.items() if k != "settings"}
+  out["settings"] = {}
+  seen = set()
+  for res in per_split:
+    for key in ("dataset", "protocol", "trial_key"):
+      if res.get(key) != first.get(key):
+        raise ValueError(f"cannot merge results with {key} {res.get(key)!r} and {first.get(key)!r}")
+    if list(res["settings"]) != list(first["settings"]):
+      raise ValueError(f"cannot merge results with settings {list(res['settings'])} and "
+                       f"{list(first['settings'])}")
+    for name, setting in res["settings"].items():
+      merged = out["settings"].setdefault(
+          name, {k: v for k, v in setting.items() if k not in ("trials", "mean")} | {"trials": []})
+      merged["trials"] += setting["trials"]
+    splits = {t[first["trial_key"]] for s in res["settings"].values() for t in s["trials"]}
+    if splits & seen:
+      raise ValueError(f"{first['trial_key']}(s) {sorted(splits & seen)} appear in two results")
+    seen |= splits
+  for setting in out["settings"].values():
+    setting["mean"] = mean_of_trials(setting["trials"])
+  return out
 
 
 def headline(results: dict, setting: str | None = None) -> dict:

@@ -1,7 +1,8 @@
 """Human-readable evaluation output: results.json, a markdown table, CMC curves, ranked-list sheets.
 
 Consumes the results dict of eees_jax.evaluation.protocols (percentages). Numbers from re-ranked
-distances are labelled "re-ranked" wherever they appear. Plots use matplotlib's object API with the
+distances are labelled "re-ranked" wherever they appear; a setting whose ranking is not plain
+query -> gallery (LLCM's DEEN layout) is marked in the table and explained under it. Plots use matplotlib's object API with the
 Agg canvas (no display, no global backend switch); sheets are drawn with PIL.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from data_pipelines.image_source import ImageSource, as_source
 from data_pipelines.records import ImageRecord
 
 _COLUMNS = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"), ("rank20", "Rank-20"),
@@ -29,6 +31,12 @@ def _fmt(x: float) -> str:
 
 def _ranking_label(setting: dict) -> str:
   return "re-ranked" if setting.get("reranked") else "plain"
+
+
+def _direction(setting: dict) -> str:
+  """The table's "Query → gallery" cell; a setting with a note gets a pointer to it."""
+  cell = f"{setting['query']} → {setting['gallery']}"
+  return cell + " (see note)" if setting.get("note") else cell
 
 
 def results_markdown(results: dict, title: str, notes: str | None = None,
@@ -54,7 +62,7 @@ def results_markdown(results: dict, title: str, notes: str | None = None,
   lines += ["", f"## Mean over {what}", "", header, rule]
   for name, s in settings.items():
     label = _ranking_label(s)
-    lines.append(f"| {name} | {s['query']} → {s['gallery']} | {label} | "
+    lines.append(f"| {name} | {_direction(s)} | {label} | "
                  + " | ".join(_fmt(s["mean"][k]) for k, _ in _COLUMNS) + " |")
   if any(s["cmc_kind"] != "standard" for s in settings.values()):
     lines += ["", "Standard CMC (mean), for comparison with the unique-identity curve above:", "",
@@ -65,12 +73,17 @@ def results_markdown(results: dict, title: str, notes: str | None = None,
                    + " | ".join(_fmt(std[min(k, len(std)) - 1]) for k in (1, 5, 10, 20)) + " |")
   if cmc_image:
     lines += ["", f"![CMC curves]({cmc_image})"]
+  noted = {s["note"] for s in settings.values() if s.get("note")}
+  for note in sorted(noted):
+    marked = ", ".join(name for name, s in settings.items() if s.get("note") == note)
+    lines += ["", f"Note ({marked}): {note}"]
   for name, s in settings.items():
     label = _ranking_label(s)
     lines += ["", f"## {name}", "",
               f"{s['query']} queries, {s['gallery']} gallery, {label} distances; "
               f"{s['trials'][0]['num_queries']} queries, {s['trials'][0]['num_gallery']} gallery "
-              f"images ({trial_key} {s['trials'][0][trial_key]}).", "",
+              f"images ({trial_key} {s['trials'][0][trial_key]})."
+              + (f" {s['note']}" if s.get("note") else ""), "",
               f"| {trial_key.capitalize()} | Ranking | " + " | ".join(h for _, h in _COLUMNS) + " |",
               "|" + "---|" * (2 + len(_COLUMNS))]
     for t in s["trials"]:
@@ -140,18 +153,20 @@ def _removed_mask(protocol: str | None, q: ImageRecord, gallery: Sequence[ImageR
   raise ValueError(f"protocol={protocol!r}: expected None, 'sysu', 'regdb' or 'llcm'")
 
 
-def _load_cell(root: str, record: ImageRecord, size: tuple[int, int], border: int, colour):
+def _load_cell(source: ImageSource, record: ImageRecord, size: tuple[int, int], border: int,
+               colour):
+  import io
   from PIL import Image, ImageOps
-  path = os.path.join(root, record.path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"ranked-list sheet: image {path} (record {record.path}) does not exist")
-  with Image.open(path) as im:
+  if source.missing(record):
+    raise FileNotFoundError(f"ranked-list sheet: image {source.location(record)} (record "
+                            f"{record.path}) does not exist")
+  with Image.open(io.BytesIO(source.read_bytes(record))) as im:
     im = im.convert("RGB").resize((size[0] - 2 * border, size[1] - 2 * border), Image.BILINEAR)
   return ImageOps.expand(im, border=border, fill=colour)
 
 
 def ranked_list_sheet(ranking: np.ndarray, query_records: Sequence[ImageRecord],
-                      gallery_records: Sequence[ImageRecord], root: str, path: str,
+                      gallery_records: Sequence[ImageRecord], root: str | ImageSource, path: str,
                       num_queries: int = 8, top: int = 10,
                       query_indices: Sequence[int] | None = None, protocol: str | None = None,
                       cell: tuple[int, int] = (64, 128)) -> list[list[int]]:
@@ -160,6 +175,7 @@ def ranked_list_sheet(ranking: np.ndarray, query_records: Sequence[ImageRecord],
 
   ranking: a distance matrix [Q, G] (float, smaller is closer; ties by gallery index) or ranked
     gallery indices [Q, >= top] (int).
+  root: the data set folder, or the ImageSource of the records' images.
   query_indices: which queries (default: `num_queries` spread evenly over the query list).
   protocol: "sysu" / "llcm" hide the gallery images the protocol removes (as in the metrics).
   cell: (width, height) of one image cell in pixels.
@@ -167,6 +183,7 @@ def ranked_list_sheet(ranking: np.ndarray, query_records: Sequence[ImageRecord],
   """
   from PIL import Image, ImageDraw, ImageFont
 
+  source = as_source(root)
   ranking = np.asarray(ranking)
   num_q = len(query_records)
   if ranking.ndim != 2 or ranking.shape[0] != num_q:
@@ -194,13 +211,13 @@ def ranked_list_sheet(ranking: np.ndarray, query_records: Sequence[ImageRecord],
   for row, (qi, gallery_idx) in enumerate(zip(query_indices, shown)):
     y = row * (h + caption + 4)
     q = query_records[qi]
-    sheet.paste(_load_cell(root, q, cell, border, _BLUE), (0, y))
+    sheet.paste(_load_cell(source, q, cell, border, _BLUE), (0, y))
     draw.text((2, y + h + 1), f"q {q.pid}/c{q.camid}", fill=(0, 0, 0), font=font)
     for rank, g in enumerate(gallery_idx, start=1):
       rec = gallery_records[g]
       x = w + gap + (rank - 1) * (w + 2)
       colour = _GREEN if rec.pid == q.pid else _RED
-      sheet.paste(_load_cell(root, rec, cell, border, colour), (x, y))
+      sheet.paste(_load_cell(source, rec, cell, border, colour), (x, y))
       draw.text((x + 2, y + h + 1), f"{rank}: {rec.pid}/c{rec.camid}", fill=colour, font=font)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   sheet.save(path)

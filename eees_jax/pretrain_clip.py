@@ -1,0 +1,312 @@
+"""CLIP-style pretraining of a small image + text model, for the synthetic benchmark (SPEC section 6).
+
+EEES on real data starts from OpenAI's CLIP: image and text towers pretrained together on
+image-caption pairs, the text tower then frozen. The synthetic benchmark reproduces that regime:
+this module trains the towers of `config.model` with CLIP's symmetric contrastive objective on
+captioned synthetic images of OTHER people (a pretraining set generated with its own seed, none of
+whose identities is in the benchmark), and writes them in the converted-CLIP format that
+`--config.model.init.checkpoint` reads, the stem stacked for both modalities exactly as
+`eees_jax.convert_clip` stacks OpenAI's.
+
+  python -m eees_jax.pretrain_clip --config=configs/synthetic.py [--config.pretrain.steps=600]
+
+writes `config.model.init.checkpoint` from `config.pretrain`; `make demo` does the same on first use
+(`ensure_pretrained`) and reuses the result afterwards, refusing one made with other settings.
+Deterministic for a seed on one platform.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
+from data_pipelines.records import ImageRecord
+from eees_jax.models import tokenizer as tokenizer_lib
+from eees_jax import weights as weights_lib
+from eees_jax.models import towers
+
+RECORD_KEY = "pretraining"  # where the settings go in the checkpoint's config.json
+
+
+class PretrainError(ValueError):
+  """A pretrained checkpoint that does not match the config that should have produced it."""
+
+
+def settings(config: ml_collections.ConfigDict) -> dict:
+  """Everything that determines the pretrained weights: compared before a checkpoint is reused."""
+  p = config.pretrain
+  out = {k: v for k, v in p.to_dict().items() if k != "enabled"}
+  out["vision"] = _vision_architecture(config)
+  out["text"] = config.model.text.to_dict()
+  out["tokenizer"] = config.text.tokenizer
+  out["input"] = [config.input.height, config.input.width]
+  return json.loads(json.dumps(out))  # tuples -> lists, as they come back from JSON
+
+
+def _vision_architecture(config) -> dict:
+  """The pretraining image tower: config.model.vision with one stem (CLIP has one)."""
+  return {**config.model.vision.to_dict(), "num_modalities": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure pieces: augmentation, loss, step.
+# ----------------------------------------------------------------------------------------------
+
+def augment(key: jax.Array, images: jax.Array, pad: int, flip: float) -> jax.Array:
+  """Zero-pad by `pad`, random crop back, random horizontal flip. images: uint8 [B, H, W, 3]."""
+  b, h, w, _ = images.shape
+  k_y, k_x, k_f = jax.random.split(key, 3)
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ys = jax.random.randint(k_y, (b,), 0, 2 * pad + 1)
+  xs = jax.random.randint(k_x, (b,), 0, 2 * pad + 1)
+  crop = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (h, w, 3)))(padded, ys, xs)
+  flips = jax.random.uniform(k_f, (b,)) < flip
+  return jnp.where(flips[:, None, None, None], crop[:, :, ::-1], crop)
+
+
+def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+  """CLIP's symmetric InfoNCE. features: [B, D] (unnormalised); the i-th image and text are a pair.
+
+  Returns (loss, image->text top-1 accuracy in the batch).
+  """
+  img = image_features / jnp.linalg.norm(image_features, axis=-1, keepdims=True)
+  txt = text_features / jnp.linalg.norm(text_features, axis=-1, keepdims=True)
+  logits = jnp.exp(logit_scale) * jnp.matmul(img, txt.T, precision=jax.lax.Precision.HIGHEST)
+  labels = jnp.arange(logits.shape[0])
+  loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+          + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
+  return loss, jnp.mean(jnp.argmax(logits, axis=1) == labels)
+
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def train_step(state: State, images: jax.Array, tokens: jax.Array, key: jax.Array, *, vision, text,
+               tx, pad: int, flip: float) -> tuple[State, dict]:
+  """One contrastive step on a batch of uint8 images [B, H, W, 3] and their tokens [B, L]."""
+  x = normalize(augment(key, images, pad, flip), CLIP_MEAN, CLIP_STD)
+
+  def loss_fn(params):
+    out, updates = vision.apply({"params": params["vision"], "batch_stats": state.batch_stats}, x,
+                                None, train=True, mutable=["batch_stats"])
+    t = text.apply({"params": params["text"]}, tokens)
+    loss, acc = clip_loss(out["pooled"].astype(jnp.float32), t.astype(jnp.float32),
+                          params["logit_scale"])
+    return loss, (acc, updates["batch_stats"])
+
+  (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # CLIP clamps the temperature at 100.
+  params["logit_scale"] = jnp.minimum(params["logit_scale"], jnp.log(100.0))
+  return (state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state),
+          {"loss": loss, "accuracy": acc, "scale": jnp.exp(params["logit_scale"])})
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, the loop and the output.
+# ----------------------------------------------------------------------------------------------
+
+def _pretraining_data(config) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images [n, H, W, 3], tokens [n, L]) of every image of the pretraining set."""
+  from data_pipelines import datasets, descriptions as descriptions_lib, input_pipeline
+  p = config.pretrain
+  datasets.ensure_synthetic(ml_collections.ConfigDict(dict(root=p.data.root,
+                                                           generate=p.data.generate)))
+  from data_pipelines import synthetic
+  captions = descriptions_lib.read_records(os.path.join(p.data.root, synthetic.DESCRIPTIONS))
+  paths = sorted(captions)
+  records = [ImageRecord(path, 0, int(path[3]), 0) for path in paths]
+  images = input_pipeline.decode_images(p.data.root, records, height=config.input.height,
+                                        width=config.input.width)
+  tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
+                                            context_length=config.model.text.context_length)
+  tokens = tokenizer.tokenize([captions[path]["description"] for path in paths])
+  return images, tokens.astype(np.int32)
+
+
+def _schedule(p) -> optax.Schedule:
+  warmup = max(int(round(p.warmup_fraction * p.steps)), 1)
+  return optax.warmup_cosine_decay_schedule(p.lr * 0.01, p.lr, warmup, p.steps, end_value=0.0)
+
+
+def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
+  """Trains the towers of `config.model` contrastively and writes them to `out` (converted format).
+
+  Returns {"seconds", "final_loss", "final_accuracy", "images"}.
+  """
+  p = config.pretrain
+  start = time.perf_counter()
+  images, tokens = _pretraining_data(config)
+  n = len(images)
+  if p.batch_size > n:
+    raise PretrainError(f"config.pretrain.batch_size={p.batch_size} exceeds the {n} pretraining images")
+  vision_cfg = _vision_architecture(config)
+  vision = towers.build_vision_tower(vision_cfg)
+  text_cfg = config.model.text.to_dict()
+  text = towers.build_text_tower(text_cfg)
+
+  key = jax.random.PRNGKey(p.seed)
+  k_v, k_t, k_data = jax.random.split(key, 3)
+  h, w = config.input.height, config.input.width
+  variables = jax.jit(functools.partial(vision.init, train=False))(
+      k_v, jnp.zeros((2, h, w, 3), jnp.float32), None)
+  params = {"vision": variables["params"],
+            "text": jax.jit(text.init)(k_t, jnp.zeros((2, text_cfg["context_length"]), jnp.int32))["params"],
+            "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
+  params = flax.core.unfreeze(params)
+  # No weight decay on gains, biases, embeddings' scale or the temperature (CLIP's recipe).
+  decay_mask = jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim > 1 and "embedding" not in jax.tree_util.keystr(path), params)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(_schedule(p), b1=0.9, b2=0.98, eps=1e-6,
+                               weight_decay=p.weight_decay, mask=decay_mask))
+  state = State(step=jnp.zeros((), jnp.int32), params=params,
+                batch_stats=flax.core.unfreeze(variables["batch_stats"]), opt_state=tx.init(params))
+  step_fn = jax.jit(functools.partial(train_step, vision=vision, text=text, tx=tx,
+                                      pad=p.aug.pad, flip=p.aug.flip), donate_argnums=(0,))
+
+  rng = np.random.default_rng([p.seed, 7])
+  order = np.empty(0, np.int64)
+  metrics = {}
+  bar = tqdm(range(p.steps), desc="pretraining CLIP", unit="step", dynamic_ncols=True)
+  for step in bar:
+    if len(order) < p.batch_size:  # epochs of a fixed permutation each
+      order = np.concatenate([order, rng.permutation(n)])
+    idx, order = order[:p.batch_size], order[p.batch_size:]
+    state, metrics = step_fn(state, images[idx], tokens[idx], jax.random.fold_in(k_data, step))
+    if step % 20 == 0 or step == p.steps - 1:
+      m = jax.device_get(metrics)
+      if not np.isfinite(m["loss"]):
+        raise PretrainError(f"pretraining loss became {m['loss']} at step {step}; lower "
+                            "config.pretrain.lr")
+      bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", scale=f"{m['scale']:.1f}")
+  bar.close()
+  m = jax.device_get(metrics)
+  result = {"seconds": round(time.perf_counter() - start, 1), "final_loss": float(m["loss"]),
+            "final_accuracy": float(m["accuracy"]), "images": n}
+  _write(config, jax.device_get(state), vision_cfg, text_cfg, out, result)
+  return result
+
+
+def _write(config, state: State, vision_cfg: dict, text_cfg: dict, out: str, result: dict) -> None:
+  """The converted-CLIP folder, with the stem stacked for every modality, published atomically."""
+  m = int(config.model.vision.num_modalities)
+  vparams = flax.core.unfreeze(state.params["vision"])
+  vstats = flax.core.unfreeze(state.batch_stats)
+  vparams["stem"] = jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * m), vparams["stem"])
+  vstats["stem"] = jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * m), vstats["stem"])
+  architecture = {k: vision_cfg[k] for k in ("kind", "layers", "width", "output_dim", "heads",
+                                             "pos_grid")}
+  weights = weights_lib.CLIPWeights(
+      vision_config={**architecture, "layers": list(architecture["layers"]), "num_modalities": m},
+      text_config=text_cfg, vision_params=vparams, vision_batch_stats=vstats,
+      text_params=flax.core.unfreeze(state.params["text"]),
+      logit_scale=float(state.params["logit_scale"]), source="eees_jax.pretrain_clip")
+  out = os.path.abspath(out)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-staging-", dir=parent)
+  try:
+    target = os.path.join(staging, "clip")
+    weights_lib.save_converted(weights, target)
+    cfg_path = os.path.join(target, "config.json")
+    with open(cfg_path) as f:
+      cfg = json.load(f)
+    cfg[RECORD_KEY] = {"settings": settings(config), "result": result}
+    with open(cfg_path, "w") as f:
+      json.dump(cfg, f, indent=2)
+    if os.path.isdir(out):
+      shutil.rmtree(out)
+    os.replace(target, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def recorded_settings(path: str) -> dict | None:
+  """The pretraining settings a checkpoint folder records (None if it records none)."""
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    return None
+  with open(cfg_path) as f:
+    return (json.load(f).get(RECORD_KEY) or {}).get("settings")
+
+
+def ensure_pretrained(config: ml_collections.ConfigDict) -> str:
+  """The checkpoint `config.model.init.checkpoint`, pretrained from `config.pretrain` if absent.
+
+  A folder there made with other settings is refused (delete it to rebuild), as is a folder that
+  was not written by this module.
+  """
+  path = config.model.init.checkpoint
+  if not path:
+    raise PretrainError("config.pretrain.enabled=True needs config.model.init.checkpoint: the folder "
+                        "to write the pretrained CLIP to (e.g. data/synthetic_clip)")
+  if os.path.exists(path):
+    have = recorded_settings(path)
+    if have is None:
+      raise PretrainError(f"{path} exists but was not written by eees_jax.pretrain_clip; point "
+                          "--config.model.init.checkpoint elsewhere, or set "
+                          "--config.pretrain.enabled=False to use it as it is")
+    want = settings(config)
+    if have != want:
+      differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+      raise PretrainError(f"{path} was pretrained with other settings (they differ in: "
+                          f"{', '.join(differ)}); delete the folder to pretrain again, or point "
+                          "--config.model.init.checkpoint elsewhere")
+    return path
+  print(f"Pretraining the synthetic CLIP into {path} (once; later runs reuse it) ...", flush=True)
+  result = pretrain(config, path)
+  print(f"Pretrained in {result['seconds']:.0f} s: final contrastive loss {result['final_loss']:.3f}, "
+        f"in-batch image->text accuracy {result['final_accuracy']:.2f}", flush=True)
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  if "pretrain" not in config:
+    raise app.UsageError(f"{flags.FLAGS['config'].value} has no `pretrain` section")
+  out = flags.FLAGS.out or config.model.init.checkpoint
+  if not out:
+    raise app.UsageError("pass --out or set config.model.init.checkpoint")
+  if os.path.exists(out):
+    print(f"error: {out} exists; delete it first (or pass another --out)", file=sys.stderr)
+    return 2
+  result = pretrain(config, out)
+  print(json.dumps(result, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: the trainer imports this module under its own --config flag.
+  config_flags.DEFINE_config_file("config", None, "Experiment config with a `pretrain` section.",
+                                  lock_config=True)
+  flags.DEFINE_string("out", None, "Output folder (default: config.model.init.checkpoint).")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
