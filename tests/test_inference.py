@@ -14,6 +14,9 @@ from eees_jax import checkpoints, embedding, inference, train
 
 from test_train import TINY_SET, tiny_config
 
+# Float rounding: evaluation ran on 1 device, inference on 8 (different XLA partitioning); a wrong
+# model or step is off by more than 1e-3 (checked below).
+ROUNDING = dict(rtol=1e-4, atol=1e-5)
 SENTENCES = ["a man in a red jacket carrying a backpack", "a woman with long hair",
              "someone walking", "a person in dark trousers and white shoes, holding a bag"]
 
@@ -27,12 +30,16 @@ def trained(tmp_path_factory):
   import _torch_refs
   base = tmp_path_factory.mktemp("inference")
   root = str(base / "synthetic")
-  synthetic.generate(root, **TINY_SET)
+  settings = dict(TINY_SET, num_test=5)
+  synthetic.generate(root, **settings)
   clip = _torch_refs.tiny_clip((1, 1, 1, 1), 8, 64, embed_dim=32, context_length=16,
                                vocab_size=49408, text_width=64, text_layers=1, seed=1)
   ckpt = str(base / "tiny_rn.pt")
   torch.save(clip.state_dict(), ckpt)
   config = tiny_config(root, max_steps=3)
+  config.dataset.generate.update(settings)
+  if "pretrain" in config:
+    config.pretrain.enabled = False  # the tiny OpenAI-format checkpoint below is the CLIP
   config.model.init.checkpoint = ckpt
   config.text.trainable = False
   config.eval.update(trials=1, ranked_list_queries=0)
@@ -90,24 +97,24 @@ def test_load_gives_the_evaluation_features_from_the_workdir_alone(trained, load
   modality = ["visible" if r.modality == VISIBLE else "infrared" for r in records]
   got = model.embed_images(paths, modality)
   assert got.shape == t["want"].shape == (len(records), model.feature_dim)
-  np.testing.assert_allclose(got, t["want"], rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(got, t["want"], **ROUNDING)
   # Decoded arrays (PIL) give the same; so do arrays of another size, resized as evaluation does.
   arrays = [read_image(p) for p in paths]
   np.testing.assert_allclose(model.embed_images(arrays, [r.modality for r in records]), t["want"],
-                             rtol=1e-5, atol=2e-6)
+                             **ROUNDING)
   np.testing.assert_allclose(model.embed_images(np.stack(t["resized"]), modality),
-                             t["want_resized"], rtol=1e-5, atol=2e-6)
+                             t["want_resized"], **ROUNDING)
   # One modality for all: the infrared stem changes the visible images' features.
   visible = [p for p, r in zip(paths, records) if r.modality == VISIBLE]
   want_visible = t["want"][[r.modality == VISIBLE for r in records]]
   np.testing.assert_allclose(model.embed_images(visible, "visible"), want_visible,
-                             rtol=1e-5, atol=2e-6)
+                             **ROUNDING)
   assert np.abs(model.embed_images(visible, "infrared") - want_visible).max() > 1e-3
   # embed_joint is l2(v): the second block of the unflipped half of the test feature.
   half = model.feature_dim // 2
   f_dim = half - model.joint_dim
   np.testing.assert_allclose(model.embed_joint(paths, modality), t["want"][:, f_dim:half],
-                             rtol=1e-5, atol=2e-6)
+                             **ROUNDING)
 
 
 def test_embed_text_is_openai_encode_text_normalised(trained, loaded):
@@ -154,7 +161,7 @@ def test_step_selection_latest_best_and_number(trained, loaded, tmp_path):
       t["model"], {"params": s10.params["model"], "batch_stats": s10.batch_stats}, t["mesh"],
       root=t["moved"], height=32, width=16, batch_size=16, flip=True)
   np.testing.assert_allclose(best.embed_images(paths, modality), extract(t["records"]),
-                             rtol=1e-5, atol=2e-6)
+                             **ROUNDING)
   assert np.abs(latest.embed_images(paths, modality) - extract(t["records"])).max() > 1e-3
 
 
