@@ -34,8 +34,7 @@ import numpy as np
 
 from bench._report import machine_description, write_section
 from configs import common, synthetic as synthetic_config
-from eees_jax import optim, train
-from eees_jax.models import eees as eees_lib
+from eees_jax import experiment, train
 
 
 # --- matmul / convolution FLOPs from optimised HLO ------------------------------------------------
@@ -153,18 +152,14 @@ def build(model_name: str, P: int, K: int, dtype: str, num_classes: int = 395):
   Returns (compiled, state, batch, text, compile_s).
   """
   cfg = _config(model_name)
+  cfg.model.dtype = dtype
+  cfg.text.trainable = False  # frozen description features, as the real recipe
   h, w = cfg.input.height, cfg.input.width
   n = 3 * P * K
-  model = eees_lib.EEES(vision=cfg.model.vision.to_dict(), num_classes=num_classes,
-                        gem_p=cfg.model.gem_p, dtype=train._dtype(dtype))
-  key = jax.random.PRNGKey(0)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      key, jnp.zeros((2, h, w, 3)), jnp.array([0, 1], jnp.int32))
+  model = experiment.build_model(experiment.model_spec(cfg, num_classes, pretrained=None))
+  tx, _ = experiment.make_optimizer(cfg, model, steps_per_epoch=100)
+  state = experiment.init_state(cfg, model, tx, pretrained=None)
   dim = cfg.model.text.embed_dim
-  params = {"model": variables["params"]}
-  tx, _ = optim.make_optimizer(params, cfg.optim, steps_per_epoch=100)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=key)
   rng = np.random.default_rng(0)
   labels = np.tile(np.repeat(np.arange(P), K), 3).astype(np.int32)
   batch = {"images": jnp.asarray(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)),
@@ -173,7 +168,7 @@ def build(model_name: str, P: int, K: int, dtype: str, num_classes: int = 395):
            "desc": jnp.asarray(np.arange(n, dtype=np.int32))}
   text = {"index": jnp.arange(n, dtype=jnp.int32),
           "features": jnp.asarray(rng.standard_normal((n, dim)).astype(np.float32))}
-  step = jax.jit(functools.partial(train.train_step, model=model, text_model=None, tx=tx,
+  step = jax.jit(functools.partial(train.train_step, model=model.eees, text_model=None, tx=tx,
                                    loss_cfg=cfg.loss), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, text).compile()

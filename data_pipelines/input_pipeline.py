@@ -30,8 +30,8 @@ from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import INFRARED, VISIBLE, DatasetError, ImageRecord, TrainSet
 from data_pipelines.sampler import epoch_indices, steps_per_epoch
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "normalize", "train_dataset", "eval_dataset", "decode_images",
-           "TrainIterator", "steps_per_epoch", "epoch_indices"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "normalize", "train_dataset", "eval_dataset", "eval_arrays",
+           "decode_images", "TrainIterator", "steps_per_epoch", "epoch_indices"]
 
 _DECODE_BATCH = 256
 _VIEW_MODALITY = (VISIBLE, VISIBLE, INFRARED)  # modality of the views V, Vc, R
@@ -352,12 +352,31 @@ def eval_dataset(images: str | ImageSource, records: Sequence[ImageRecord], *, h
   start = 0
   for batch in _decoded_batches(source, records, height, width, batch_size, threads, flip=flip):
     n = len(batch["images"])
-    out = {key: value for key, value in batch.items()}
-    out["modality"] = modality[start:start + n]
-    out["mask"] = np.ones(n, bool)
-    if n < batch_size:
-      pad = np.full(batch_size - n, n - 1)
-      out = {key: np.concatenate([value, value[pad]]) for key, value in out.items()}
-      out["mask"][n:] = False
+    yield _padded(dict(batch, modality=modality[start:start + n]), batch_size)
     start += n
-    yield out
+
+
+def _padded(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Adds "mask" and pads a short batch to batch_size by repeating its last real row."""
+  n = len(batch["images"])
+  out = dict(batch, mask=np.ones(n, bool))
+  if n < batch_size:
+    pad = np.full(batch_size - n, n - 1)
+    out = {key: np.concatenate([value, value[pad]]) for key, value in out.items()}
+    out["mask"][n:] = False
+  return out
+
+
+def eval_arrays(images: np.ndarray | Sequence[np.ndarray], modality: Sequence[int], *,
+                height: int, width: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """`eval_dataset` for images already in memory: uint8 RGB arrays [h, w, 3] of any size (a
+  sequence, or one array [n, h, w, 3]), resized to height x width exactly as eval_dataset resizes a
+  decoded file. Yields the same fixed-size batches (images, modality, mask)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  modality = np.asarray(modality, np.int32)
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    resized = np.stack([augment.resize_uint8(tf.constant(image), height, width).numpy()
+                        for image in chunk])
+    yield _padded({"images": resized, "modality": modality[start:start + len(chunk)]}, batch_size)

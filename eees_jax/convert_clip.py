@@ -4,7 +4,7 @@
 
 SRC: an OpenAI-format file (RN50.pt / ViT-B-16.pt as downloaded, a torch.save state dict, or a
 .safetensors with the same names) or a Hugging Face CLIP folder. OUT: a new folder with config.json
-and params.msgpack, read by eees_jax.models.weights.load_converted (or load_clip).
+and params.msgpack, read by eees_jax.weights.load_converted (or load_clip).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from eees_jax.models import weights as W
+from eees_jax import weights as W
 
 
 def describe(weights: W.CLIPWeights) -> str:

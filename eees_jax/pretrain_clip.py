@@ -39,7 +39,8 @@ from tqdm import tqdm
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import ImageRecord
 from eees_jax.models import tokenizer as tokenizer_lib
-from eees_jax.models import weights as weights_lib
+from eees_jax import weights as weights_lib
+from eees_jax.models import towers
 
 RECORD_KEY = "pretraining"  # where the settings go in the checkpoint's config.json
 
@@ -165,9 +166,9 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
   if p.batch_size > n:
     raise PretrainError(f"config.pretrain.batch_size={p.batch_size} exceeds the {n} pretraining images")
   vision_cfg = _vision_architecture(config)
-  vision = weights_lib.build_vision_tower(vision_cfg)
+  vision = towers.build_vision_tower(vision_cfg)
   text_cfg = config.model.text.to_dict()
-  text = weights_lib.build_text_tower(text_cfg)
+  text = towers.build_text_tower(text_cfg)
 
   key = jax.random.PRNGKey(p.seed)
   k_v, k_t, k_data = jax.random.split(key, 3)

@@ -1,4 +1,4 @@
-"""EEES training: the train state, the pure train step, the loop, evaluation, checkpoint and resume.
+"""EEES training: the pure train step, the loop, and (for now) the evaluation calls.
 
 One jit-compiled step over a device mesh: the global batch is sharded on the "data" axis, the state
 is replicated (or, with config.mesh.fsdp, its large parameters and Adam moments are split over the
@@ -6,56 +6,34 @@ same axis), and the old state's buffers are donated. Data order, augmentation an
 only on (config.seed, step), so a run restarted from its last checkpoint replays exactly the batches
 it would have seen, and ends with the same parameters as an uninterrupted run.
 
-TensorFlow (tf.data) is imported only where input is built, so the step, the state and the
-checkpoints load on hosts without it (the GPU benchmark machine has none).
+The model, train state, optimiser and training data come from eees_jax/experiment.py, checkpoints and
+the workdir's model record from eees_jax/checkpoints.py, test-time features from
+eees_jax/embedding.py. TensorFlow (tf.data) is imported only where input is built, so the step, the
+state and the checkpoints load on hosts without it (the GPU benchmark machine has none).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from absl import logging
-from orbax.checkpoint import checkpoint_managers
 from tqdm import tqdm
 
-from data_pipelines import datasets, descriptions as descriptions_lib, sampler
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
-from data_pipelines.records import TrainSet
-from eees_jax import losses, optim, sharding, text_features
-from eees_jax.models import eees as eees_lib
-from eees_jax.models import tokenizer as tokenizer_lib
-from eees_jax.models import weights as weights_lib
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any          # {"model": ..., "pair": ..., "text": ... (only when the text tower trains)}
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
+from eees_jax import checkpoints, embedding, losses, sharding
+from eees_jax.experiment import Experiment, TrainState, build_experiment, init_experiment_state
 
 
 class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or infinite; nothing was saved from that step on."""
-
-
-def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,228 +75,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], text: dict[str, j
 
 
 # ----------------------------------------------------------------------------------------------
-# Building an experiment from its config.
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Experiment:
-  """Everything a run needs besides the mutable state."""
-  config: ml_collections.ConfigDict
-  workdir: str
-  train_set: TrainSet
-  model: eees_lib.EEES
-  text_model: nn.Module | None
-  text_config: dict
-  text_arrays: dict[str, np.ndarray]
-  tx: optax.GradientTransformation
-  schedule: Callable
-  steps_per_epoch: int
-  total_steps: int
-  mesh: jax.sharding.Mesh
-
-
-def _load_pretrained(config) -> weights_lib.CLIPWeights | None:
-  path = config.model.init.checkpoint
-  if not path:
-    return None
-  if "pretrain" in config and config.pretrain.enabled:
-    from eees_jax import pretrain_clip
-    pretrain_clip.ensure_pretrained(config)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"config.model.init.checkpoint={path!r} does not exist. Download OpenAI's CLIP RN50 weights "
-        "(RN50.pt) on a machine with internet access, convert them once with "
-        "`python -m eees_jax.convert_clip RN50.pt weights/RN50` and pass "
-        "--config.model.init.checkpoint=weights/RN50, or set it to '' to train from scratch.")
-  return weights_lib.load_clip(path)
-
-
-# Options that do not change a tower's parameters: they come from the experiment config even when
-# the architecture comes from a checkpoint.
-_VISION_RUNTIME_OPTIONS = {"resnet": ("last_stride", "interpolation", "num_modalities"),
-                           "vit": ("patch_stride", "interpolation", "num_modalities")}
-
-
-def tower_configs(config, pretrained: weights_lib.CLIPWeights | None) -> tuple[dict, dict]:
-  """Vision and text tower configs: from the checkpoint for the towers it loads (so activation,
-  epsilon, head count and end-of-text rule are the checkpoint's), else from config.model."""
-  vision, text = config.model.vision.to_dict(), config.model.text.to_dict()
-  load = tuple(config.model.init.load)
-  if pretrained is not None and "vision" in load:
-    kind = pretrained.vision_config["kind"]
-    vision = {**pretrained.vision_config,
-              **{k: vision[k] for k in _VISION_RUNTIME_OPTIONS[kind] if k in vision}}
-  if pretrained is not None and "text" in load:
-    text = dict(pretrained.text_config)
-  return vision, text
-
-
-def _variables(exp: Experiment, rng: jax.Array,
-               pretrained: weights_lib.CLIPWeights | None = None) -> tuple[dict, dict]:
-  """(params, batch_stats) of everything the optimiser sees; CLIP towers from `pretrained` where
-  config.model.init.load says so. Under jax.eval_shape it gives the optimiser its tree structure."""
-  cfg = exp.config
-  k_model, k_pair, k_text, _ = jax.random.split(rng, 4)
-  h, w = cfg.input.height, cfg.input.width
-  variables = jax.jit(functools.partial(exp.model.init, train=False))(
-      k_model, jnp.zeros((2, h, w, 3), jnp.float32), jnp.array([0, 1], jnp.int32))
-  params = {"model": flax.core.unfreeze(variables["params"])}
-  batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
-  if pretrained is not None and "vision" in tuple(cfg.model.init.load):
-    params["model"]["encoder"] = weights_lib.merge_params(
-        params["model"]["encoder"], pretrained.vision_params, include=(".*",), what="vision tower")
-    if pretrained.vision_batch_stats:
-      batch_stats["encoder"] = weights_lib.merge_params(
-          batch_stats["encoder"], pretrained.vision_batch_stats, include=(".*",),
-          what="vision batch statistics")
-  pair = losses.init_pair_params(k_pair, cfg.loss.pair.kind, exp.text_config["embed_dim"],
-                                 num_heads=cfg.loss.pair.num_heads)
-  if pair:
-    params["pair"] = pair
-  if exp.text_model is not None:
-    params["text"] = _text_params(cfg, exp.text_config, pretrained, k_text)
-  return params, batch_stats
-
-
-def init_state(exp: Experiment, pretrained: weights_lib.CLIPWeights | None) -> TrainState:
-  """Fresh parameters (CLIP towers from `pretrained` where config.model.init.load says so)."""
-  rng = jax.random.PRNGKey(exp.config.seed)
-  params, batch_stats = _variables(exp, rng, pretrained)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=exp.tx.init(params), rng=jax.random.split(rng, 4)[3])
-
-
-def _text_params(cfg, text_config: dict, pretrained, key):
-  text_model = weights_lib.build_text_tower(text_config)
-  tokens = jnp.zeros((1, text_config["context_length"]), jnp.int32)
-  params = flax.core.unfreeze(jax.jit(text_model.init)(key, tokens)["params"])
-  if pretrained is not None and "text" in tuple(cfg.model.init.load):
-    params = weights_lib.merge_params(params, pretrained.text_params, include=(".*",), what="text tower")
-  return params
-
-
-def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> tuple[Experiment, Any]:
-  """Reads the data, tokenises the descriptions and builds model, optimiser and mesh."""
-  train_set = datasets.load_train_set(config.dataset)
-  texts = descriptions_lib.load_descriptions(datasets.descriptions_path(config.dataset),
-                                             train_set.records, field=config.dataset.description_field)
-  pretrained = _load_pretrained(config)
-  vision_config, text_config = tower_configs(config, pretrained)
-  tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
-                                            context_length=text_config["context_length"])
-  tokens, index = text_features.unique_tokens(texts, tokenizer.tokenize)
-
-  dtype = _dtype(config.model.dtype)
-  model = eees_lib.EEES(vision=vision_config, num_classes=train_set.num_classes,
-                        gem_p=config.model.gem_p, dtype=dtype)
-  text_tower = weights_lib.build_text_tower(text_config)
-  text_arrays = {"index": index}
-  if config.text.trainable:
-    text_model = text_tower
-    text_arrays["tokens"] = tokens.astype(np.int32)
-  else:
-    text_model = None
-    params = _text_params(config, text_config, pretrained, jax.random.PRNGKey(config.seed + 1))
-    text_arrays["features"] = text_features.frozen_text_features(
-        workdir, tokens, text_config, params,
-        lambda p, t: text_tower.apply({"params": p}, t), config.text.embed_batch_size)
-
-  P, K = config.input.P, config.input.K
-  steps_per_epoch = sampler.steps_per_epoch(train_set, P, K)
-  total_steps = steps_per_epoch * config.train.epochs
-  if config.train.max_steps > 0:
-    total_steps = min(total_steps, config.train.max_steps)
-  mesh = sharding.make_mesh(config.mesh.data)
-  sharding.check_batch_divisible(3 * P * K, mesh, "training (3 * P * K)")
-  sharding.check_batch_divisible(config.input.eval_batch_size, mesh, "config.input.eval_batch_size")
-
-  # The optimiser needs the parameter tree's structure only.
-  exp = Experiment(config=config, workdir=workdir, train_set=train_set, model=model,
-                   text_model=text_model, text_config=text_config, text_arrays=text_arrays, tx=None, schedule=None,
-                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh)
-  abstract = jax.eval_shape(lambda: _variables(exp, jax.random.PRNGKey(0))[0])
-  exp.tx, exp.schedule = optim.make_optimizer(abstract, config.optim, steps_per_epoch)
-  return exp, pretrained
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints.
-# ----------------------------------------------------------------------------------------------
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """Keeps the last `keep_checkpoints` checkpoints and the best one by `config.eval.best_metric`."""
-  best = config.eval.best_metric
-  policy = checkpoint_managers.AnyPreservationPolicy([
-      checkpoint_managers.LatestN(n=config.train.keep_checkpoints),
-      checkpoint_managers.BestN(get_metric_fn=lambda m: m[best], n=1,
-                                keep_checkpoints_without_metrics=False),
-  ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options, item_names=("state", "meta"))
-
-
-def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict,
-                    metrics: dict | None = None) -> None:
-  step = int(jax.device_get(state.step))
-  if mngr.latest_step() == step:
-    return
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
-
-
-def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, dict]:
-  """Restores the latest checkpoint into `state`'s shardings, whatever it was saved with."""
-  step = mngr.latest_step()
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                        meta=ocp.args.JsonRestore()))
-  return restored["state"], dict(restored["meta"] or {})
-
-
-# ----------------------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------------------
 
 def make_extract(exp: Experiment, state: TrainState) -> Callable:
-  """extract(records) -> test-time features [n, D] (numpy), for the evaluation protocols.
-
-  The variables keep the state's shardings (with FSDP, jit all-gathers the split ones inside
-  `embed`, as in the train step).
-  """
+  """extract(records) -> test-time features [n, D] of the state's model (embedding.record_extractor)."""
   cfg = exp.config
-  mesh = exp.mesh
   variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-
-  @jax.jit
-  def embed(variables, images, modality):
-    x = normalize(images, CLIP_MEAN, CLIP_STD)
-    return exp.model.apply(variables, x, modality, flip=cfg.eval.flip, method=eees_lib.EEES.embed)
-
-  cache: dict[str, np.ndarray] = {}  # path -> feature: protocols and the ranked list share passes
-
-  def extract(records, root=None):
-    root = root or cfg.dataset.root
-    records = list(records)
-    todo = [r for r in dict.fromkeys(records) if r.path not in cache]
-    n_proc, proc = jax.process_count(), jax.process_index()
-    share = cfg.input.eval_batch_size // n_proc
-    done = 0
-    from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top (see module doc)
-    batches = input_pipeline.eval_dataset(root, todo, height=cfg.input.height, width=cfg.input.width,
-                                          batch_size=cfg.input.eval_batch_size) if todo else ()
-    for batch in batches:
-      local = {k: batch[k][proc * share:(proc + 1) * share] for k in ("images", "modality")}
-      g = sharding.host_batch_to_global(local, mesh)
-      feats = np.asarray(sharding.to_host(embed(variables, g["images"], g["modality"])))
-      feats = feats[np.asarray(batch["mask"])]
-      for r, f in zip(todo[done:done + len(feats)], feats):
-        cache[r.path] = f
-      done += len(feats)
-    return np.stack([cache[r.path] for r in records]) if records else np.zeros((0, 0), np.float32)
-
-  return extract
+  return embedding.record_extractor(exp.model, variables, exp.mesh, root=cfg.dataset.root,
+                                    height=cfg.input.height, width=cfg.input.width,
+                                    batch_size=cfg.input.eval_batch_size, flip=cfg.eval.flip)
 
 
 def evaluate(exp: Experiment, state: TrainState, out_dir: str | None) -> dict:
@@ -404,24 +170,25 @@ def _summary_scalars(results: dict) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` when it holds checkpoints), evaluates, writes the report."""
   sharding.initialize_distributed()
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  checkpoints.write_config(workdir, config)
   exp, pretrained = build_experiment(config, workdir)
   mesh = exp.mesh
   rep = sharding.replicated(mesh)
+  # What rebuilds the model from the workdir alone (inference.load): in every checkpoint's meta.
+  record = checkpoints.write_model_record(workdir, config, exp.spec, exp.text_params)
 
   # Initialised eagerly (pretrained tensors must not become jit constants), then placed: replicated,
   # or with config.mesh.fsdp the large parameters and their Adam moments split over the devices.
-  state = init_state(exp, pretrained)
+  state = init_experiment_state(exp, pretrained)
   state_sh = sharding.state_shardings(state, mesh, config.mesh.fsdp, config.mesh.fsdp_min_size)
   state = jax.device_put(state, state_sh)
   del pretrained
-  mngr = checkpoint_manager(workdir, config)
+  mngr = checkpoints.manager(workdir, config)
   meta = {}
   if mngr.latest_step() is not None:
-    state, meta = restore_checkpoint(mngr, state)
+    state, meta = checkpoints.restore(mngr, state)
     print(f"Resumed from step {int(state.step)} in {workdir}", flush=True)
+  meta.update(checkpoints.checkpoint_meta(config, record))
   start_step = int(jax.device_get(state.step))
   text = {k: jax.device_put(v, rep) for k, v in exp.text_arrays.items()}
 
@@ -491,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             or preemption.requested:
           _check_finite(jax.device_get(metrics), step)
           meta.update(step=step, epoch=epoch)
-          save_checkpoint(mngr, state, meta, eval_metrics)
+          checkpoints.save(mngr, state, meta, eval_metrics)
         if preemption.requested:
           mngr.wait_until_finished()
           bar.write(f"SIGTERM: saved step {step} to {workdir}/checkpoints; rerun the same command "
@@ -502,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = evaluate(exp, state, os.path.join(workdir, "report"))
     final = _summary_scalars(results)
     meta.update(step=int(jax.device_get(state.step)), final=final)
-    save_checkpoint(mngr, state, meta, final)
+    checkpoints.save(mngr, state, meta, final)
     mngr.wait_until_finished()
     if writer:
       for k, v in final.items():

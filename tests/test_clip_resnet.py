@@ -1,4 +1,4 @@
-"""ModifiedResNet against OpenAI's clip/model.py (random weights, converted through weights.py)."""
+"""ModifiedResNet against OpenAI's clip/model.py (random weights, converted through eees_jax.weights)."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 
 from eees_jax.models import layers as L
-from eees_jax.models import weights as W
+from eees_jax import weights as W
+from eees_jax.models import towers
 from eees_jax.models.clip_resnet import ModifiedResNet
 from _torch_refs import interpolate_pos, resnet_features, tiny_clip
 
@@ -37,7 +38,7 @@ def test_parity_native_grid(small):
   with torch.no_grad():
     ref_pooled = model.visual(x).numpy()
     ref_map = resnet_features(model.visual, x).numpy().transpose(0, 2, 3, 1)
-  out = jax.jit(W.build_vision_tower(weights.vision_config).apply)(weights.vision_variables(),
+  out = jax.jit(towers.build_vision_tower(weights.vision_config).apply)(weights.vision_variables(),
                                                                   nhwc(x))
   assert out["map"].shape == (3, 2, 2, 512)
   assert rel_err(out["map"], ref_map) < 1e-4
@@ -56,7 +57,7 @@ def test_parity_interpolated_pool_grid(small, mode):
       ref = model.visual(x).numpy()
   finally:
     model.visual.attnpool.positional_embedding.data = pos
-  tower = W.build_vision_tower(weights.vision_config, interpolation=mode)
+  tower = towers.build_vision_tower(weights.vision_config, interpolation=mode)
   out = jax.jit(tower.apply)(weights.vision_variables(), nhwc(x))
   assert out["map"].shape == (2, 3, 2, 512)
   assert rel_err(out["pooled"], ref) < 1e-4
@@ -95,7 +96,7 @@ def test_last_stride_one_doubles_map(small):
       model.visual.attnpool.positional_embedding.data = pos
   finally:
     block.avgpool, block.downsample[0] = saved
-  tower = W.build_vision_tower(weights.vision_config, last_stride=1)
+  tower = towers.build_vision_tower(weights.vision_config, last_stride=1)
   out = jax.jit(tower.apply)(weights.vision_variables(), nhwc(x))
   assert out["map"].shape == (2, 4, 4, 512)
   assert rel_err(out["map"], ref_map) < 1e-4
@@ -114,7 +115,7 @@ def test_train_mode_matches_torch(small):
       model.load_state_dict(snapshot)
   finally:
     model.eval()
-  tower = W.build_vision_tower(weights.vision_config)
+  tower = towers.build_vision_tower(weights.vision_config)
   out, _ = jax.jit(lambda v, x: tower.apply(v, x, train=True, mutable=["batch_stats"]))(
       weights.vision_variables(), nhwc(x))
   assert rel_err(out["pooled"], ref) < 1e-4
@@ -129,7 +130,7 @@ def test_rn50_shaped_parity():
   x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
   with torch.no_grad():
     ref = model.visual(x).numpy()
-  out = jax.jit(W.build_vision_tower(weights.vision_config).apply)(weights.vision_variables(),
+  out = jax.jit(towers.build_vision_tower(weights.vision_config).apply)(weights.vision_variables(),
                                                                     nhwc(x))
   assert out["map"].shape == (2, 2, 2, 2048)
   assert rel_err(out["pooled"], ref) < 1e-4
@@ -162,9 +163,9 @@ def test_converted_stems_equal_and_select_per_sample(small, two_stems):
   # Make the infrared stem different; oracle: a one-stem tower holding either stem.
   stem = jax.tree.map(lambda a: jnp.asarray(a).at[1].multiply(1.5), v["params"]["stem"])
   params = {**v["params"], "stem": stem}
-  tower = W.build_vision_tower(two_stems.vision_config)
+  tower = towers.build_vision_tower(two_stems.vision_config)
   out = jax.jit(tower.apply)({**v, "params": params}, x, modality)
-  single = jax.jit(W.build_vision_tower(one.vision_config).apply)
+  single = jax.jit(towers.build_vision_tower(one.vision_config).apply)
   for m in (0, 1):
     pick = lambda tree: jax.tree.map(lambda a: a[m:m + 1], tree)
     variables = {"params": {**params, "stem": pick(stem)},
@@ -180,7 +181,7 @@ def test_converted_stems_equal_and_select_per_sample(small, two_stems):
 def test_sgd_step_on_infrared_loss_moves_only_infrared_stem(two_stems, mixed):
   """Train mode, batch of infrared images only (mixed=False), or eval mode with a mixed batch and
   a loss on the infrared samples only (mixed=True): the visible stem gets no update."""
-  tower = W.build_vision_tower(two_stems.vision_config)
+  tower = towers.build_vision_tower(two_stems.vision_config)
   v = two_stems.vision_variables()
   x = jnp.asarray(np.random.RandomState(2).randn(4, 64, 64, 3).astype(np.float32))
   modality = jnp.array([0, 1, 0, 1] if mixed else [1, 1, 1, 1], jnp.int32)
@@ -230,8 +231,8 @@ def test_masked_batch_norm_statistics():
 def test_bfloat16_compute_close_to_float32(small):
   _, weights = small
   x = jnp.asarray(np.random.RandomState(3).randn(2, 64, 64, 3).astype(np.float32))
-  ref = jax.jit(W.build_vision_tower(weights.vision_config).apply)(weights.vision_variables(), x)
-  tower = W.build_vision_tower(weights.vision_config, dtype=jnp.bfloat16)
+  ref = jax.jit(towers.build_vision_tower(weights.vision_config).apply)(weights.vision_variables(), x)
+  tower = towers.build_vision_tower(weights.vision_config, dtype=jnp.bfloat16)
   out = jax.jit(tower.apply)(weights.vision_variables(), x)
   assert out["pooled"].dtype == jnp.bfloat16 and out["map"].dtype == jnp.bfloat16
   assert rel_err(out["pooled"].astype(jnp.float32), ref["pooled"]) < 5e-2

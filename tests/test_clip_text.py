@@ -6,7 +6,8 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from eees_jax.models import weights as W
+from eees_jax import weights as W
+from eees_jax.models import towers
 from _torch_refs import tiny_clip
 
 
@@ -41,7 +42,7 @@ def test_parity_with_openai_encode_text(tiny, length):
   tokens = token_batch(length, [1, 5, length - 1])
   with torch.no_grad():
     ref = model.encode_text(torch.from_numpy(tokens)).numpy()
-  tower = W.build_text_tower(weights.text_config)
+  tower = towers.build_text_tower(weights.text_config)
   out = jax.jit(tower.apply)(weights.text_variables(), jnp.asarray(tokens, jnp.int32))
   assert out.shape == (3, 32)
   assert rel_err(out, ref) < 1e-4
@@ -53,7 +54,7 @@ def test_tokens_after_end_of_text_do_not_matter(tiny):
   noisy = tokens.copy()
   noisy[0, 5:] = np.arange(11) + 10
   noisy[1, 8:] = 3
-  apply = jax.jit(W.build_text_tower(weights.text_config).apply)
+  apply = jax.jit(towers.build_text_tower(weights.text_config).apply)
   np.testing.assert_allclose(apply(weights.text_variables(), noisy),
                              apply(weights.text_variables(), tokens), rtol=1e-5, atol=1e-6)
 
@@ -64,8 +65,8 @@ def test_eos_token_id_mode_picks_first_occurrence(tiny):
   that position, 99 given the embedding of 5."""
   model, weights = tiny
   tokens = token_batch(16, [6, 9])
-  argmax_tower = W.build_text_tower(weights.text_config)
-  eos_tower = W.build_text_tower(weights.text_config, eos_token_id=5)
+  argmax_tower = towers.build_text_tower(weights.text_config)
+  eos_tower = towers.build_text_tower(weights.text_config, eos_token_id=5)
   t5 = tokens.copy()
   t5[t5 == 5] = 4
   t5[tokens == 99] = 5  # End of text is now id 5; larger ids remain elsewhere.
@@ -81,5 +82,5 @@ def test_eos_token_id_mode_picks_first_occurrence(tiny):
 def test_too_many_tokens(tiny):
   _, weights = tiny
   with pytest.raises(ValueError, match="context length 16"):
-    W.build_text_tower(weights.text_config).apply(weights.text_variables(),
+    towers.build_text_tower(weights.text_config).apply(weights.text_variables(),
                                                    np.zeros((1, 17), np.int32))

@@ -1,4 +1,4 @@
-"""VisionTransformer against OpenAI's clip/model.py (random weights, converted through weights.py)."""
+"""VisionTransformer against OpenAI's clip/model.py (random weights, converted through eees_jax.weights)."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,8 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from eees_jax.models import weights as W
+from eees_jax import weights as W
+from eees_jax.models import towers
 from eees_jax.models.clip_vit import VisionTransformer
 from _torch_refs import interpolate_pos, tiny_clip
 
@@ -46,7 +47,7 @@ def test_parity_native_grid(tiny):
   assert weights.vision_config["heads"] == 2
   x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
   ref_cls, ref_pooled = torch_cls_and_pooled(model.visual, x)
-  tower = W.build_vision_tower(weights.vision_config)
+  tower = towers.build_vision_tower(weights.vision_config)
   out = jax.jit(tower.apply)(weights.vision_variables(), nhwc(x))
   assert out["cls"].shape == (3, 128) and out["pooled"].shape == (3, 32)
   assert rel_err(out["cls"], ref_cls) < 1e-4
@@ -71,7 +72,7 @@ def test_parity_interpolated_grid_and_overlapping_patches(tiny, mode, stride):
   finally:
     visual.conv1.stride = (8, 8)
     visual.positional_embedding.data = pos
-  tower = W.build_vision_tower(weights.vision_config, interpolation=mode, patch_stride=stride)
+  tower = towers.build_vision_tower(weights.vision_config, interpolation=mode, patch_stride=stride)
   out = jax.jit(tower.apply)(weights.vision_variables(), nhwc(x))
   assert rel_err(out["cls"], ref_cls) < 1e-4
   assert rel_err(out["pooled"], ref_pooled) < 1e-4
@@ -89,8 +90,8 @@ def test_patch_embeddings_start_equal_and_select_per_sample(tiny):
   modality = jnp.array([1, 0, 0, 1], jnp.int32)
   params = dict(two.vision_params)
   params["patch_embed"] = {"kernel": jnp.asarray(params["patch_embed"]["kernel"]).at[1].multiply(-1)}
-  out = jax.jit(W.build_vision_tower(two.vision_config).apply)({"params": params}, x, modality)
-  single = jax.jit(W.build_vision_tower(one.vision_config).apply)
+  out = jax.jit(towers.build_vision_tower(two.vision_config).apply)({"params": params}, x, modality)
+  single = jax.jit(towers.build_vision_tower(one.vision_config).apply)
   for m in (0, 1):
     p1 = {**params, "patch_embed": {"kernel": params["patch_embed"]["kernel"][m:m + 1]}}
     ref = single({"params": p1}, x)
@@ -101,6 +102,6 @@ def test_patch_embeddings_start_equal_and_select_per_sample(tiny):
 
 def test_bad_patch_stride(tiny):
   _, weights, _ = tiny
-  tower = W.build_vision_tower(weights.vision_config, patch_stride=9)
+  tower = towers.build_vision_tower(weights.vision_config, patch_stride=9)
   with pytest.raises(ValueError, match="patch_stride"):
     tower.apply(weights.vision_variables(), jnp.zeros((1, 32, 32, 3)))

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import synthetic as synthetic_config
 from data_pipelines import input_pipeline, synthetic
-from eees_jax import sharding, train
+from data_pipelines import datasets, descriptions as descriptions_lib
+from eees_jax import checkpoints, experiment, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,10 +57,10 @@ def _first_batch(exp):
 
 def _one_step(config, workdir, num_devices):
   config.mesh.data = num_devices
-  exp, pretrained = train.build_experiment(config, workdir)
+  exp, pretrained = experiment.build_experiment(config, workdir)
   assert exp.mesh.devices.size == num_devices
   rep = sharding.replicated(exp.mesh)
-  state = jax.device_put(train.init_state(exp, pretrained), rep)
+  state = jax.device_put(experiment.init_experiment_state(exp, pretrained), rep)
   text = {k: jax.device_put(v, rep) for k, v in exp.text_arrays.items()}
   step = jax.jit(functools.partial(train.train_step, model=exp.model, text_model=exp.text_model,
                                    tx=exp.tx, loss_cfg=config.loss),
@@ -108,10 +109,11 @@ def test_sharded_step_equals_single_device(tiny_root, tmp_path, one_device_step)
 
 
 def _final_params(workdir, config):
-  mngr = train.checkpoint_manager(workdir, config)
-  exp, pretrained = train.build_experiment(config, workdir)
-  state = jax.device_put(train.init_state(exp, pretrained), sharding.replicated(exp.mesh))
-  state, meta = train.restore_checkpoint(mngr, state)
+  mngr = checkpoints.manager(workdir, config)
+  exp, pretrained = experiment.build_experiment(config, workdir)
+  state = jax.device_put(experiment.init_experiment_state(exp, pretrained),
+                         sharding.replicated(exp.mesh))
+  state, meta = checkpoints.restore(mngr, state)
   mngr.close()
   return jax.device_get(state), meta
 
@@ -189,8 +191,8 @@ def test_pretrained_clip_initialises_both_towers(tiny_root, tmp_path):
   config = tiny_config(tiny_root)
   config.model.init.checkpoint = ckpt
   config.text.trainable = False
-  exp, pretrained = train.build_experiment(config, str(tmp_path / "w"))
-  state = train.init_state(exp, pretrained)
+  exp, pretrained = experiment.build_experiment(config, str(tmp_path / "w"))
+  state = experiment.init_experiment_state(exp, pretrained)
   enc = state.params["model"]["encoder"]
   # Both stems are CLIP's stem (torch OIHW -> flax HWIO).
   ref = clip.visual.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
@@ -198,8 +200,8 @@ def test_pretrained_clip_initialises_both_towers(tiny_root, tmp_path):
     np.testing.assert_allclose(enc["stem"]["conv1"]["kernel"][m], ref, rtol=1e-6)
   # Frozen description features equal OpenAI's encode_text of the same tokens.
   from eees_jax.models import tokenizer as tokenizer_lib
-  texts = train.descriptions_lib.load_descriptions(
-      train.datasets.descriptions_path(config.dataset), exp.train_set.records, field="auto")
+  texts = descriptions_lib.load_descriptions(
+      datasets.descriptions_path(config.dataset), exp.train_set.records, field="auto")
   toks = tokenizer_lib.build_tokenizer("clip", context_length=16).tokenize(texts[:4])
   with torch.no_grad():
     want = clip.encode_text(torch.from_numpy(toks.astype(np.int64))).numpy()
@@ -253,9 +255,9 @@ FSDP_MIN = 1024  # small enough that the tiny model's larger kernels and embeddi
 def _one_fsdp_step(config, workdir):
   """_one_step on 8 devices with the state placed and jitted by state_shardings(fsdp=True)."""
   config.mesh.update(data=8, fsdp=True, fsdp_min_size=FSDP_MIN)
-  exp, pretrained = train.build_experiment(config, workdir)
+  exp, pretrained = experiment.build_experiment(config, workdir)
   rep = sharding.replicated(exp.mesh)
-  state = train.init_state(exp, pretrained)
+  state = experiment.init_experiment_state(exp, pretrained)
   state_sh = sharding.state_shardings(state, exp.mesh, True, FSDP_MIN)
   state = jax.device_put(state, state_sh)
   text = {k: jax.device_put(v, rep) for k, v in exp.text_arrays.items()}
@@ -287,13 +289,13 @@ def test_fsdp_checkpoint_restores_replicated_and_resumes(tiny_root, tmp_path, ca
   config.mesh.update(fsdp=True, fsdp_min_size=FSDP_MIN)
   train.train_and_evaluate(config, workdir)
   # The FSDP checkpoint restores into either placement, with the same values and features.
-  exp, pretrained = train.build_experiment(config, workdir)
-  fresh = train.init_state(exp, pretrained)
+  exp, pretrained = experiment.build_experiment(config, workdir)
+  fresh = experiment.init_experiment_state(exp, pretrained)
   restored, feats = {}, {}
   for fsdp in (True, False):
     state = jax.device_put(fresh, sharding.state_shardings(fresh, exp.mesh, fsdp, FSDP_MIN))
-    mngr = train.checkpoint_manager(workdir, config)
-    state, meta = train.restore_checkpoint(mngr, state)
+    mngr = checkpoints.manager(workdir, config)
+    state, meta = checkpoints.restore(mngr, state)
     mngr.close()
     assert meta["step"] == 2 and int(state.step) == 2
     replicated = [x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)]

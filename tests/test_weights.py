@@ -1,4 +1,4 @@
-"""Checkpoint reading, conversion, saving and partial loading (weights.py, convert_clip.py)."""
+"""Checkpoint reading, conversion, saving and partial loading (eees_jax.weights, convert_clip.py)."""
 import os
 
 import numpy as np
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from eees_jax import convert_clip
-from eees_jax.models import weights as W
+from eees_jax import weights as W
+from eees_jax.models import towers
 from _torch_refs import clip_model, randomize_, tiny_clip
 
 
@@ -104,10 +105,10 @@ def test_hugging_face_checkpoint_parity(tmp_path, eos):
   with torch.no_grad():
     ref_img = model.get_image_features(pixel_values=torch.from_numpy(pixels)).pooler_output
     ref_txt = model.get_text_features(input_ids=torch.from_numpy(ids)).pooler_output
-  vision = W.build_vision_tower(weights.vision_config)
+  vision = towers.build_vision_tower(weights.vision_config)
   img = jax.jit(vision.apply)(weights.vision_variables(), pixels.transpose(0, 2, 3, 1),
                               jnp.array([0, 1, 1]))["pooled"]
-  txt = jax.jit(W.build_text_tower(weights.text_config).apply)(weights.text_variables(), ids)
+  txt = jax.jit(towers.build_text_tower(weights.text_config).apply)(weights.text_variables(), ids)
   assert rel_err(img, ref_img.numpy()) < 1e-4
   assert rel_err(txt, ref_txt.numpy()) < 1e-4
   assert weights.logit_scale == pytest.approx(float(model.logit_scale.detach()))
@@ -144,6 +145,36 @@ def test_bad_checkpoints_name_keys_and_paths(rn, tmp_path):
   os.makedirs(tmp_path / "empty_folder")
   with pytest.raises(W.CheckpointError, match="config.json"):
     W.load_clip(str(tmp_path / "empty_folder"))
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are_not(rn, tmp_path, capsys):
+  """Issue 16: "torch.load(weights_only=True) failed: 105" told the user nothing."""
+  import zipfile
+  junk = tmp_path / "x.pt"
+  junk.write_bytes(b"<html>" + b"." * 99)  # e.g. a saved error page instead of the download
+  with pytest.raises(W.CheckpointError) as err:
+    W.load_clip(str(junk))
+  msg = str(err.value)
+  assert f"{junk} is not a PyTorch checkpoint (neither a zip archive nor a pickle" in msg
+  for expected in ("RN50.pt", "torch.save state dict", ".safetensors file",
+                   "Hugging Face CLIP folder"):
+    assert expected in msg
+  assert "torch.load" not in msg
+  assert convert_clip.main([str(junk), str(tmp_path / "out")]) == 1
+  printed = capsys.readouterr().err
+  assert "x.pt is not a PyTorch checkpoint" in printed and "Traceback" not in printed
+  with zipfile.ZipFile(tmp_path / "other.pt", "w") as z:
+    z.writestr("readme.txt", "hello")
+  with pytest.raises(W.CheckpointError, match=r"other.pt is a zip archive but not a PyTorch "
+                     r"checkpoint \(it holds no <name>/data.pkl\); expected OpenAI's RN50.pt"):
+    W.load_clip(str(tmp_path / "other.pt"))
+  with pytest.raises(W.CheckpointError, match="folder without config.json.*Hugging Face CLIP"):
+    W.load_clip(str(tmp_path))
+  # A safetensors file is recognised by its header, not by its name.
+  import safetensors.numpy
+  _, sd = rn
+  safetensors.numpy.save_file(sd, str(tmp_path / "renamed.pt"))
+  assert_same_weights(W.load_clip(str(tmp_path / "renamed.pt")), W.convert_openai_state_dict(sd))
 
 
 def test_save_load_converted_and_cli(rn, tmp_path, capsys):
@@ -191,5 +222,5 @@ def test_build_tower_rejects_unknown_option(rn):
   _, sd = rn
   weights = W.convert_openai_state_dict(sd)
   with pytest.raises(ValueError, match="no option.*last_strid"):
-    W.build_vision_tower(weights.vision_config, last_strid=1)
-  assert W.build_vision_tower(weights.vision_config, last_stride=1).last_stride == 1
+    towers.build_vision_tower(weights.vision_config, last_strid=1)
+  assert towers.build_vision_tower(weights.vision_config, last_stride=1).last_stride == 1

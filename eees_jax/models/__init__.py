@@ -1,1 +1,1 @@
-"""Flax CLIP towers, the EEES network, the tokenizer and CLIP weight import."""
+"""Flax CLIP towers (and their construction from configs), the EEES network, the tokenizer."""

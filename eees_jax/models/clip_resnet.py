@@ -26,7 +26,8 @@ Additions for visible-infrared re-identification:
 - 1x1 convolutions run as matmuls over channels (layers.Conv / conv2d), which XLA:CPU executes
   3-4x faster than its 1x1 convolution path, forward and backward; variables are unchanged.
 
-Variables (names mirror clip/model.py; weights.py converts OpenAI / open_clip state dicts):
+Variables (names mirror clip/model.py; eees_jax/weights/openai.py converts OpenAI / open_clip state
+dicts):
   params/stem/{conv1,conv2,conv3}/kernel [M,3,3,in,out]; params/stem/{bn1,bn2,bn3}/{scale,bias} [M,C]
   params/layer{1..4}_{i}/{conv1,conv2,conv3,downsample_conv}/kernel,
       {bn1,bn2,bn3,downsample_bn}/{scale,bias}

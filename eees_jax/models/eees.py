@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eees_jax.models import weights
+from eees_jax.models import towers
 
 Array = jax.Array
 
@@ -45,7 +45,7 @@ class EEES(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.encoder = weights.build_vision_tower(dict(self.vision), dtype=self.dtype)
+    self.encoder = towers.build_vision_tower(dict(self.vision), dtype=self.dtype)
     if self.vision["kind"] == "resnet":
       self.gem = GeM(p_init=self.gem_p)
     # BNNeck: torch BatchNorm1d defaults (momentum 0.1, eps 1e-5); bias frozen via optim.groups.
@@ -83,3 +83,7 @@ class EEES(nn.Module):
     if flip:
       feats = jnp.concatenate([feats, one(images[:, :, ::-1, :])], axis=-1)
     return feats
+
+  def embed_joint(self, images: Array, modality: Array) -> Array:
+    """l2(v) [B, Dv]: the image in CLIP's joint image-text space (text search, ESE's space)."""
+    return l2_normalize(self(images, modality, train=False)["v"])

@@ -1,0 +1,113 @@
+"""Test-time features from a model and its variables, shared by evaluation and inference.
+
+Images: uint8 batches of a fixed size (the last one padded, with a mask) go through the jitted EEES
+embed over a 1-D device mesh, so evaluation and `inference.load(...)` run the same function on the
+same pixels and get the same features. Text: fixed-size token batches through the text tower.
+Nothing here reads training data or imports training code.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
+from data_pipelines.records import ImageRecord
+from eees_jax import sharding
+from eees_jax.models import eees as eees_lib
+
+ImageFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def test_feature_fn(model: eees_lib.EEES, flip: bool) -> ImageFn:
+  """jit(variables, images uint8 [B, H, W, 3], modality int32 [B]) -> [B, D] test-time features
+  (SPEC section 1: concat(l2(BN f), l2(v)), and the same of the mirrored image with `flip`)."""
+  @jax.jit
+  def embed(variables, images, modality):
+    x = normalize(images, CLIP_MEAN, CLIP_STD)
+    return model.apply(variables, x, modality, flip=flip, method=eees_lib.EEES.embed)
+  return embed
+
+
+def joint_feature_fn(model: eees_lib.EEES) -> ImageFn:
+  """jit(variables, images, modality) -> [B, Dv]: l2(v), the image side of CLIP's joint space."""
+  @jax.jit
+  def embed(variables, images, modality):
+    x = normalize(images, CLIP_MEAN, CLIP_STD)
+    return model.apply(variables, x, modality, method=eees_lib.EEES.embed_joint)
+  return embed
+
+
+def _is_local(mesh: jax.sharding.Mesh) -> bool:
+  return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def run_batches(fn: ImageFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                mesh: jax.sharding.Mesh) -> Iterable[np.ndarray]:
+  """Features of each batch's real rows, in order.
+
+  batches: {"images" uint8 [B, H, W, 3], "modality" int32 [B], "mask" bool [B]} of one fixed size B
+  (a multiple of the mesh size), identical on every process; on a multi-host mesh each process
+  feeds its slice of the batch and every process gets all features back.
+  """
+  local = _is_local(mesh)
+  n_proc, proc = (1, 0) if local else (jax.process_count(), jax.process_index())
+  for batch in batches:
+    share = len(batch["images"]) // n_proc
+    part = {k: batch[k][proc * share:(proc + 1) * share] for k in ("images", "modality")}
+    g = sharding.host_batch_to_global(part, mesh)
+    out = fn(variables, g["images"], g["modality"])
+    feats = np.asarray(jax.device_get(out) if local else sharding.to_host(out))
+    yield feats[np.asarray(batch["mask"])]
+
+
+def record_extractor(model: eees_lib.EEES, variables: Any, mesh: jax.sharding.Mesh, *,
+                     root: str, height: int, width: int, batch_size: int, flip: bool,
+                     threads: int | None = None) -> Callable[..., np.ndarray]:
+  """extract(records, root=None) -> test-time features [n, D] (numpy), for the evaluation protocols.
+
+  Images are read as the evaluation pipeline reads them (data_pipelines.input_pipeline.eval_dataset:
+  decode, resize to height x width). Features are cached by path, so protocols and the ranked list
+  share passes. The variables keep their shardings (with FSDP, jit all-gathers the split ones).
+  """
+  embed = test_feature_fn(model, flip)
+  cache: dict[str, np.ndarray] = {}
+
+  default_root = root
+
+  def extract(records: Sequence[ImageRecord], root: str | None = None) -> np.ndarray:
+    records = list(records)
+    todo = [r for r in dict.fromkeys(records) if r.path not in cache]
+    if todo:
+      # TensorFlow is imported only when images are read (module doc of eees_jax.train).
+      from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+      batches = input_pipeline.eval_dataset(root or default_root, todo, height=height,
+                                            width=width, batch_size=batch_size, threads=threads)
+      done = 0
+      for feats in run_batches(embed, variables, batches, mesh):
+        for r, f in zip(todo[done:done + len(feats)], feats):
+          cache[r.path] = f
+        done += len(feats)
+    return np.stack([cache[r.path] for r in records]) if records else np.zeros((0, 0), np.float32)
+
+  return extract
+
+
+def embed_tokens(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, tokens: np.ndarray,
+                 batch_size: int, desc: str = "embedding descriptions") -> np.ndarray:
+  """Runs the text tower over `tokens` [n, L] in fixed-size batches; returns float32 [n, D]."""
+  fn = jax.jit(apply_fn)
+  n = len(tokens)
+  out = []
+  for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=n <= batch_size):
+    chunk = tokens[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:  # fixed shape: one compilation
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out.append(np.asarray(fn(params, jnp.asarray(chunk)))[:batch_size - pad])
+  if not out:
+    return np.zeros((0, 0), np.float32)
+  return np.concatenate(out).astype(np.float32)
