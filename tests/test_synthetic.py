@@ -123,7 +123,8 @@ def _load_simple_tokenizer():
 # The nouns a caption can use for each slot: a slot the caption does not state uses none of them.
 _NOUNS = {"upper": sorted(set(synthetic.UPPER_NOUNS.values()), key=len, reverse=True),
           "lower": sorted(set(synthetic.LOWER_NOUNS.values()), key=len, reverse=True),
-          "shoes": ["sneakers", "boots"], "bag": ["backpack", "handbag"]}
+          "shoes": ["sneakers", "boots"], "bag": ["backpack", "handbag"],
+          "headwear": ["cap", "beanie"], "scarf": ["scarf"], "outer": ["vest"]}
 
 
 def _truth_value(identity, slot):
@@ -136,7 +137,10 @@ def _truth_value(identity, slot):
           "lower": {"noun": synthetic.LOWER_NOUNS[(identity["lower_type"], identity["lower_material"])],
                     "colour": identity["lower_colour"]},
           "shoes": {"noun": identity["shoes"], "colour": identity["shoe_colour"]},
-          "bag": {"noun": identity["bag"], "colour": identity["bag_colour"]}}[slot]
+          "bag": {"noun": identity["bag"], "colour": identity["bag_colour"]},
+          "headwear": {"noun": identity["headwear"], "colour": identity["headwear_colour"]},
+          "scarf": {"noun": "scarf", "colour": identity["scarf_colour"]},
+          "outer": {"noun": "vest", "colour": identity["outer_colour"]}}[slot]
 
 
 def _caption_data(root):
@@ -205,14 +209,14 @@ def test_captions_state_a_subset_of_what_the_image_shows(dataset):
 def test_caption_noise_settings(tmp_path):
   root = synthetic.generate(str(tmp_path / "clean"), num_ids=6, images_per_camera=2, height=32,
                             width=16, ir_colour_missing=0.0, ir_colour_wrong=0.0, visible_wrong=0.0,
-                            min_slots=8, max_slots=8)["out"]
+                            min_slots=11, max_slots=11)["out"]
   _, truths = _caption_data(root)
   for t in truths:
     stateable = {s for s in t["visible"]}
     person = json.load(open(os.path.join(root, "synthetic.json")))["identities"][t["pid"] - 1]
     stateable -= {"build"} if person["build"] == "medium" else set()
     stateable -= {"height"} if person["height"] == "average" else set()
-    assert set(t["stated"]) == stateable                       # max_slots=8: all that is shown
+    assert set(t["stated"]) == stateable                       # max_slots=11: all that is shown
     assert all(s["correct"] for s in t["stated"].values())     # no noise: every statement right
   with pytest.raises(ValueError, match="noise rates"):
     synthetic.generate(str(tmp_path / "bad"), num_ids=4, ir_colour_missing=0.8, ir_colour_wrong=0.3)

@@ -17,6 +17,6 @@ from data_pipelines.synthetic.identities import (CAMERAS, COLOUR_WORDS, INFRARED
                                                   LOWER_NOUNS, UPPER_NOUNS, VAL_FRACTION,
                                                   VISIBLE_CAMERAS, Identity, assign_splits,
                                                   sample_identity)
-from data_pipelines.synthetic.render import ImagePlan, image_plan, render_image, visible_parts
+from data_pipelines.synthetic.render import ImagePlan, Scene, image_plan, render_image, visible_parts
 from data_pipelines.synthetic.writer import (CAPTION_TRUTH, DESCRIPTIONS, GENERATOR, MARKER, PURPOSES,
                                               VERSION, format_summary, generate, main)

@@ -20,15 +20,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipelines.synthetic.identities import (BAG_COLOURS, HAIR_COLOURS, HEAT, LOWER_COLOURS,
-                                                  LOWER_NOUNS, SHOE_COLOURS, SHOE_MATERIALS,
-                                                  UPPER_COLOURS, UPPER_NOUNS, Identity)
-from data_pipelines.synthetic.render import ImagePlan, image_plan, visible_parts
+from data_pipelines.synthetic.identities import (ACCESSORY_HEAT, BAG_COLOURS, HAIR_COLOURS,
+                                                  HEADWEAR_COLOURS, HEAT, LOWER_COLOURS, LOWER_NOUNS,
+                                                  OUTER_COLOURS, SCARF_COLOURS, SHOE_COLOURS,
+                                                  SHOE_MATERIALS, UPPER_COLOURS, UPPER_NOUNS, Identity)
+from data_pipelines.synthetic.render import ImagePlan, Scene, image_plan, visible_parts
 
-SLOTS = ("gender", "build", "height", "hair", "upper", "lower", "shoes", "bag")
-COLOUR_SLOTS = ("hair", "upper", "lower", "shoes", "bag")
+SLOTS = ("gender", "build", "height", "hair", "headwear", "scarf", "upper", "outer", "lower", "shoes",
+         "bag")
+COLOUR_SLOTS = ("hair", "headwear", "scarf", "upper", "outer", "lower", "shoes", "bag")
 # How readily a captioner names a visible slot (relative weights; the subject is always named).
-MENTION_WEIGHTS = {"upper": 10, "lower": 8, "hair": 6, "bag": 6, "shoes": 4, "build": 3, "height": 2}
+MENTION_WEIGHTS = {"upper": 10, "lower": 8, "outer": 7, "hair": 6, "bag": 6, "headwear": 6,
+                   "scarf": 4, "shoes": 4, "build": 3, "height": 2}
 CAPTIONER = "synthetic-captioner-v2"
 VISIBLE_PROMPT = ("Describe the pedestrian in one sentence: gender, build, hair, upper clothing, lower "
                   "clothing, shoes and belongings, with colours.")
@@ -41,7 +44,13 @@ _VIEW_PHRASES = {"front": ("walking towards the camera", "facing the camera"),
                  "back": ("walking away from the camera", "seen from behind"),
                  "side": ("walking past the camera", "seen from the side")}
 _PALETTES = {"hair": tuple(HAIR_COLOURS), "upper": tuple(UPPER_COLOURS), "lower": tuple(LOWER_COLOURS),
-             "shoes": tuple(SHOE_COLOURS), "bag": tuple(BAG_COLOURS)}
+             "shoes": tuple(SHOE_COLOURS), "bag": tuple(BAG_COLOURS),
+             "headwear": tuple(HEADWEAR_COLOURS), "scarf": tuple(SCARF_COLOURS),
+             "outer": tuple(OUTER_COLOURS)}
+# Another kind of the same thing, for a wrong statement (slots absent here are only ever mis-coloured).
+_OTHER_NOUNS = {"upper": sorted(set(UPPER_NOUNS.values())), "lower": sorted(set(LOWER_NOUNS.values())),
+                "shoes": ("sneakers", "boots"), "bag": ("backpack", "handbag"),
+                "headwear": ("cap", "beanie")}
 _OTHER = {"gender": {"man": "woman", "woman": "man"}, "build": {"slim": "heavy", "heavy": "slim"},
           "height": {"short": "tall", "tall": "short"}}
 
@@ -54,11 +63,14 @@ class CaptionNoise:
   visible_wrong: float = 0.05     # a stated attribute is wrong (visible images; shape slots of infrared)
   ir_colour_missing: float = 0.5  # infrared: a colour word is left out (or a tone given instead)
   ir_colour_wrong: float = 0.25   # infrared: a colour word is wrong
+  visible_colour_missing: float = 0.0  # visible: a colour word is left out (plain alt-text style)
 
   def __post_init__(self):
     if min(self.ir_colour_missing, self.ir_colour_wrong) < 0 or \
         self.ir_colour_missing + self.ir_colour_wrong > 1:
       raise ValueError(f"infrared colour noise rates must be >= 0 and sum to <= 1, got {self}")
+    if not 0 <= self.visible_colour_missing <= 1:
+      raise ValueError(f"visible_colour_missing must lie in [0, 1], got {self.visible_colour_missing}")
     if not 0 <= self.visible_wrong <= 1:
       raise ValueError(f"visible_wrong must lie in [0, 1], got {self.visible_wrong}")
     if not 1 <= self.min_slots <= self.max_slots:
@@ -85,13 +97,17 @@ def _true_values(identity: Identity) -> dict[str, dict[str, str]]:
       "lower": {"noun": identity.lower_noun, "colour": identity.lower_colour},
       "shoes": {"noun": identity.shoes, "colour": identity.shoe_colour},
       "bag": {"noun": identity.bag, "colour": identity.bag_colour},
+      "headwear": {"noun": identity.headwear, "colour": identity.headwear_colour},
+      "scarf": {"noun": "scarf", "colour": identity.scarf_colour},
+      "outer": {"noun": "vest", "colour": identity.outer_colour},
   }
 
 
 def _heat(identity: Identity, slot: str) -> float:
   return {"hair": HEAT["hair"], "upper": HEAT[identity.upper_material],
           "lower": HEAT[identity.lower_material], "shoes": HEAT[SHOE_MATERIALS[identity.shoes]],
-          "bag": HEAT.get(identity.bag_material, 0.5)}[slot]
+          "bag": 0.2, "headwear": ACCESSORY_HEAT.get(identity.headwear, 0.3),
+          "scarf": ACCESSORY_HEAT["scarf"], "outer": HEAT.get(identity.outer_material, 0.3)}[slot]
 
 
 def _choose_slots(rng: np.random.Generator, identity: Identity, parts: dict[str, str],
@@ -135,22 +151,24 @@ def _state(rng: np.random.Generator, identity: Identity, slot: str, true: dict[s
         colour_outcome = "wrong"
       else:
         colour_outcome = "correct"
+    elif rng.random() < noise.visible_colour_missing:
+      said["colour"] = ""
+      colour_outcome = "missing"
     else:
       colour_outcome = "correct"
     if wrong:  # a visible-style mistake: another colour, or another kind of garment / bag
-      if not partial and (slot == "hair" or rng.random() < 0.6) and said["colour"] not in ("", "light", "dark"):
+      recolour = said["colour"] not in ("", "light", "dark") and not partial
+      if slot == "hair":
+        if recolour and rng.random() < 0.5:
+          said["colour"] = _pick_other(rng, _PALETTES[slot], true["colour"])
+          colour_outcome = "wrong"
+        else:
+          said["length"] = _pick_other(rng, tuple(HAIR_WORDS), true["length"])
+      elif recolour and (slot not in _OTHER_NOUNS or rng.random() < 0.6):
         said["colour"] = _pick_other(rng, _PALETTES[slot], true["colour"])
         colour_outcome = "wrong"
-      elif slot == "hair":
-        said["length"] = _pick_other(rng, tuple(HAIR_WORDS), true["length"])
-      elif slot == "upper":
-        said["noun"] = _pick_other(rng, sorted(set(UPPER_NOUNS.values())), true["noun"])
-      elif slot == "lower":
-        said["noun"] = _pick_other(rng, sorted(set(LOWER_NOUNS.values())), true["noun"])
-      elif slot == "shoes":
-        said["noun"] = _pick_other(rng, ("sneakers", "boots"), true["noun"])
-      else:
-        said["noun"] = _pick_other(rng, ("backpack", "handbag"), true["noun"])
+      elif slot in _OTHER_NOUNS:
+        said["noun"] = _pick_other(rng, _OTHER_NOUNS[slot], true["noun"])
     if infrared and slot == "upper":
       said["pattern"] = "plain"  # stripes are colour only
   correct = all(said[k] == true[k] for k in said
@@ -177,6 +195,8 @@ def _phrase(slot: str, said: dict[str, str], partial: bool) -> str:
     return _article(phrase) if said["noun"].endswith("skirt") else phrase
   if slot == "shoes":
     return f"{lead}{said['noun']}"
+  if slot in ("headwear", "scarf", "outer"):
+    return _article(f"{lead}{said['noun']}")
   if partial:
     return f"{said['noun']} straps over the shoulders"
   return _article(f"{lead}{said['noun']}")
@@ -187,7 +207,7 @@ def _join(items: Sequence[str]) -> str:
 
 
 def describe(identity: Identity, camid: int, index: int, seed: int, noise: CaptionNoise,
-             infrared: bool) -> tuple[str, dict]:
+             infrared: bool, scene: Scene = Scene()) -> tuple[str, dict]:
   """The caption of image `index` of `identity` in camera `camid`, and its truth record.
 
   The truth record: {"visible": {slot: "full" | "partial"}, "stated": {slot: {"said": {...},
@@ -195,7 +215,7 @@ def describe(identity: Identity, camid: int, index: int, seed: int, noise: Capti
   (straps only)}}}.
   """
   rng = np.random.default_rng([seed, 3, identity.pid, camid, index])
-  plan: ImagePlan = image_plan(seed, identity.pid, camid, index)
+  plan: ImagePlan = image_plan(seed, identity.pid, camid, index, scene)
   parts = visible_parts(identity, plan)
   truth = _true_values(identity)
   stated = {slot: _state(rng, identity, slot, truth[slot], parts[slot] == "partial", infrared, noise)
@@ -210,8 +230,10 @@ def describe(identity: Identity, camid: int, index: int, seed: int, noise: Capti
   subject = _article(" ".join(words + [gender]))
   pron = "He" if gender == "man" else "She"
   phrases = {s: _phrase(s, v["said"], v.get("partial", False)) for s, v in stated.items()
-             if s in ("hair", "upper", "lower", "shoes", "bag")}
-  clothes = [phrases[s] for s in ("upper", "lower", "shoes") if s in phrases]
+             if s in COLOUR_SLOTS}
+  if "outer" in phrases and "upper" in phrases:
+    phrases["upper"] = f"{phrases.pop('outer')} over {phrases['upper']}"
+  clothes = [phrases[s] for s in ("headwear", "scarf", "outer", "upper", "lower", "shoes") if s in phrases]
   hair = phrases.get("hair")
   bag = phrases.get("bag")
   view = str(rng.choice(_VIEW_PHRASES[plan.view]))

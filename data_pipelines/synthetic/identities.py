@@ -46,19 +46,30 @@ LOWER_MATERIALS = {"trousers": {"denim": 50, "cotton": 35, "synthetic": 15},
                    "shorts": {"denim": 30, "cotton": 40, "synthetic": 30},
                    "skirt": {"cotton": 60, "denim": 40}}
 SHOE_MATERIALS = {"sneakers": "canvas", "boots": "leather"}
+HEADWEAR = {"none": 60, "cap": 22, "beanie": 18}
+# Worn away from the skin, a cap, a beanie and a scarf show cooler than clothes in infrared.
+ACCESSORY_HEAT = {"cap": 0.36, "beanie": 0.28, "scarf": 0.3}
+HEADWEAR_COLOURS = {"black": 30, "white": 15, "gray": 15, "red": 12, "blue": 14, "green": 7, "yellow": 7}
+SCARF_COLOURS = {"black": 20, "gray": 20, "red": 20, "white": 15, "blue": 15, "yellow": 10}
+OUTER_MATERIALS = {"down": 60, "fleece": 40}  # the sleeveless outer layer: a vest over the top
+OUTER_COLOURS = {"black": 30, "blue": 20, "red": 15, "green": 15, "gray": 10, "orange": 10}
 BAG_MATERIALS = {"backpack": {"nylon": 80, "leather": 20}, "handbag": {"leather": 70, "nylon": 30}}
-# Infrared gray level of each material (a heat/reflectance proxy), independent of colour.
+# Infrared gray level of each material worn on the body (a heat/reflectance proxy), independent of
+# colour; a carried bag is near the ambient temperature, darker than anything worn.
 HEAT = {"skin": 0.86, "hair": 0.72, "cotton": 0.58, "synthetic": 0.66, "wool": 0.46, "leather": 0.34,
-        "denim": 0.50, "canvas": 0.42, "nylon": 0.44}
-BUILD_WIDTH = {"slim": 0.84, "medium": 1.0, "heavy": 1.22}
+        "denim": 0.50, "canvas": 0.42, "down": 0.26, "fleece": 0.36}
+BAG_HEAT = {"nylon": 0.24, "leather": 0.17}
+BUILD_WIDTH = {"slim": 0.8, "medium": 1.0, "heavy": 1.3}
 HEIGHT_SCALE = {"short": 0.91, "average": 1.0, "tall": 1.08}
 
 # The attributes an infrared image shows (no colour, but each fabric's heat): the attribute oracle's.
-INFRARED_ATTRIBUTES = ("gender", "build", "height", "hair_length", "sleeve", "upper_material",
-                       "lower_type", "lower_material", "shoes", "bag", "bag_material")
+INFRARED_ATTRIBUTES = ("gender", "build", "height", "hair_length", "headwear", "scarf", "sleeve",
+                       "upper_material", "outer", "outer_material", "lower_type", "lower_material",
+                       "shoes", "bag", "bag_material")
 # The attributes both modalities show (materials are invisible in colour images, colour in infrared):
 # all an infrared query and a visible gallery image can have in common.
-SHARED_ATTRIBUTES = ("gender", "build", "height", "hair_length", "sleeve", "lower_type", "shoes", "bag")
+SHARED_ATTRIBUTES = ("gender", "build", "height", "hair_length", "headwear", "scarf", "sleeve", "outer",
+                     "lower_type", "shoes", "bag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +97,13 @@ class Identity:
   bag: str  # "none" | "backpack" | "handbag"
   bag_material: str
   bag_colour: str
+  headwear: str  # "none" | "cap" | "beanie"
+  headwear_colour: str
+  scarf: str  # "none" | "scarf"
+  scarf_colour: str
+  outer: str  # "none" | "vest" (a sleeveless layer over the upper garment)
+  outer_material: str
+  outer_colour: str
   shade: tuple[float, float, float]  # Per-person dye shade of the clothes (visible).
   warmth: float  # Per-person infrared offset (clothing thickness, fit).
 
@@ -124,6 +142,14 @@ def sample_identity(seed: int, pid: int, split: str) -> Identity:
   upper_colour = choice(rng, UPPER_COLOURS)
   stripe_colour = choice(rng, {c: 1 for c in STRIPE_COLOURS if c != upper_colour})
   shoes = choice(rng, {"sneakers": 65, "boots": 35})
+  headwear = choice(rng, HEADWEAR)
+  scarf = choice(rng, {"none": 78, "scarf": 22})
+  outer = choice(rng, {"none": 65, "vest": 35})
+  extras = dict(
+      headwear=headwear, headwear_colour=choice(rng, HEADWEAR_COLOURS) if headwear != "none" else "none",
+      scarf=scarf, scarf_colour=choice(rng, SCARF_COLOURS) if scarf != "none" else "none",
+      outer=outer, outer_material=choice(rng, OUTER_MATERIALS) if outer != "none" else "none",
+      outer_colour=choice(rng, OUTER_COLOURS) if outer != "none" else "none")
   cameras = [c for c in VISIBLE_CAMERAS if rng.random() < 0.75]
   cameras += [c for c in INFRARED_CAMERAS if rng.random() < 0.8]
   if not any(c in VISIBLE_CAMERAS for c in cameras):
@@ -141,7 +167,7 @@ def sample_identity(seed: int, pid: int, split: str) -> Identity:
       lower_type=lower_type, lower_material=choice(rng, LOWER_MATERIALS[lower_type]),
       lower_colour=choice(rng, LOWER_COLOURS), shoes=shoes, shoe_colour=choice(rng, SHOE_COLOURS),
       bag=bag, bag_material=choice(rng, BAG_MATERIALS[bag]) if bag != "none" else "none",
-      bag_colour=choice(rng, BAG_COLOURS) if bag != "none" else "none",
+      bag_colour=choice(rng, BAG_COLOURS) if bag != "none" else "none", **extras,
       shade=tuple(float(s) for s in rng.uniform(0.9, 1.1, 3)), warmth=float(rng.normal(0.0, 0.03)))
 
 

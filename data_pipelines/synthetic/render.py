@@ -19,12 +19,24 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.synthetic.canvas import Canvas, gaussian_blur
-from data_pipelines.synthetic.identities import (BUILD_WIDTH, COLOURS, HEAT, HEIGHT_SCALE,
+from data_pipelines.synthetic.identities import (ACCESSORY_HEAT, BAG_HEAT, BUILD_WIDTH, COLOURS,
+                                                  HEAT, HEIGHT_SCALE,
                                                   SHOE_MATERIALS, SKIN_TONES, Identity, choice)
 
 VIEWS = {"front": 45, "back": 40, "side": 15}
-FAR_PROB = 0.2        # share of images of a distant (small, blurrier) person
-OCCLUDER_PROB = 0.15  # share of images with a railing across the legs or a pole
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """How busy the pictures are: the nuisances around the person (generator settings)."""
+  clutter: float = 0.5        # contrast of the background clutter (0: plain wall and floor)
+  far_prob: float = 0.1       # share of images of a distant (small, blurrier) person
+  occluder_prob: float = 0.1  # share of images with a railing across the legs or a pole
+
+  def __post_init__(self):
+    for name in ("clutter", "far_prob", "occluder_prob"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +55,17 @@ class ImagePlan:
   blur: float          # multiplier of the camera's blur
 
 
-def image_plan(seed: int, pid: int, camid: int, index: int) -> ImagePlan:
+def image_plan(seed: int, pid: int, camid: int, index: int, scene: Scene = Scene()) -> ImagePlan:
   rng = np.random.default_rng([seed, 4, pid, camid, index])
   view = choice(rng, VIEWS)
   facing = 1 if rng.random() < 0.5 else -1
-  far = rng.random() < FAR_PROB
+  far = rng.random() < scene.far_prob
   occluder = "none"
-  if rng.random() < OCCLUDER_PROB:
+  if rng.random() < scene.occluder_prob:
     occluder = "legs" if rng.random() < 0.5 else "pole"
   return ImagePlan(
       view=view, facing=facing, distance="far" if far else "near",
-      figure=(0.58 if far else 0.8) * float(rng.uniform(0.93, 1.05)),
+      figure=(0.58 if far else 0.8) * float(rng.uniform(0.96, 1.04)),
       centre=0.5 + float(rng.normal(0, 0.06)),
       foot=float(rng.uniform(0.8, 0.92) if far else rng.uniform(0.93, 1.0)),
       occluder=occluder,
@@ -72,9 +84,15 @@ def _body_y(identity: Identity, plan: ImagePlan, fraction: float) -> float:
 def visible_parts(identity: Identity, plan: ImagePlan) -> dict[str, str]:
   """Caption slot -> "full" or "partial" for what this image shows; hidden slots are absent.
 
-  Slots: gender, build, height, hair, upper, lower, shoes, bag.
+  Slots: gender, build, height, hair, headwear, scarf, upper, outer, lower, shoes, bag.
   """
   parts = {"gender": "full", "build": "full", "height": "full", "hair": "full", "upper": "full"}
+  if identity.headwear != "none":
+    parts["headwear"] = "full"
+  if identity.scarf != "none":
+    parts["scarf"] = "full"
+  if identity.outer != "none":
+    parts["outer"] = "full"
   legs_from = plan.occluder_at if plan.occluder == "legs" else 2.0
   if legs_from > _body_y(identity, plan, 0.62):   # the railing leaves the thighs visible
     parts["lower"] = "full"
@@ -112,8 +130,8 @@ CAMERA_SETTINGS = {
 }
 
 
-def _background(rng: np.random.Generator, camera: Camera, h: int, w: int) -> np.ndarray:
-  """Camera scene: wall/floor (or sky/ground) split, clutter boxes, low-frequency texture."""
+def _background(rng: np.random.Generator, camera: Camera, h: int, w: int, clutter: float) -> np.ndarray:
+  """Camera scene: wall/floor (or sky/ground) split, clutter boxes of contrast `clutter`, texture."""
   channels = 1 if camera.infrared else 3
   upper = np.asarray(camera.upper_bg, np.float32) * rng.uniform(0.85, 1.15)
   lower = np.asarray(camera.lower_bg, np.float32) * rng.uniform(0.85, 1.15)
@@ -122,7 +140,7 @@ def _background(rng: np.random.Generator, camera: Camera, h: int, w: int) -> np.
   mix = np.clip((rows - horizon) / 3.0 + 0.5, 0.0, 1.0)
   image = np.broadcast_to(upper * (1 - mix) + lower * mix, (h, w, channels)).astype(np.float32)
   canvas = Canvas(image)
-  for _ in range(int(rng.integers(3, 7))):
+  for _ in range(int(rng.integers(2, 5))):
     x0, y0 = rng.uniform(-0.2 * w, w), rng.uniform(-0.1 * h, h * 0.8)
     bw, bh = rng.uniform(0.1, 0.6) * w, rng.uniform(0.05, 0.4) * h
     if camera.infrared:
@@ -130,6 +148,8 @@ def _background(rng: np.random.Generator, camera: Camera, h: int, w: int) -> np.
       value = np.asarray([level], np.float32)
     else:
       value = np.clip(upper * rng.uniform(0.5, 1.3, 3) + rng.normal(0, 0.06, 3), 0, 1).astype(np.float32)
+    wall = upper if y0 + bh / 2 < horizon else lower
+    value = (wall * (1.0 - clutter) + value * clutter).astype(np.float32)
     canvas.polygon([(x0, y0), (x0 + bw, y0), (x0 + bw, y0 + bh), (x0, y0 + bh)], value)
   coarse = rng.normal(0.0, 0.04, (h // 16 + 2, w // 16 + 2)).astype(np.float32)
   texture = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR))
@@ -145,7 +165,9 @@ def _values(identity: Identity, camera: Camera, rng: np.random.Generator) -> dic
         "upper": HEAT[identity.upper_material] + warm, "stripe": HEAT[identity.upper_material] + warm,
         "lower": HEAT[identity.lower_material] + warm,
         "shoes": HEAT[SHOE_MATERIALS[identity.shoes]],
-        "bag": HEAT.get(identity.bag_material, 0.0)}
+        "bag": BAG_HEAT.get(identity.bag_material, 0.0),
+        "headwear": ACCESSORY_HEAT.get(identity.headwear, 0.0), "scarf": ACCESSORY_HEAT["scarf"],
+        "outer": HEAT.get(identity.outer_material, 0.0) + warm}
     return {k: np.asarray([v], np.float32) for k, v in levels.items()}
   shade = np.asarray(identity.shade, np.float32)
 
@@ -156,7 +178,10 @@ def _values(identity: Identity, camera: Camera, rng: np.random.Generator) -> dic
           "hair": np.asarray(COLOURS[identity.hair_colour], np.float32),
           "upper": dyed(identity.upper_colour), "stripe": dyed(identity.stripe_colour),
           "lower": dyed(identity.lower_colour), "shoes": dyed(identity.shoe_colour),
-          "bag": dyed(identity.bag_colour) if identity.bag != "none" else np.zeros(3, np.float32)}
+          "bag": dyed(identity.bag_colour) if identity.bag != "none" else np.zeros(3, np.float32),
+          "headwear": dyed(identity.headwear_colour) if identity.headwear != "none" else np.zeros(3, np.float32),
+          "scarf": dyed(identity.scarf_colour) if identity.scarf != "none" else np.zeros(3, np.float32),
+          "outer": dyed(identity.outer_colour) if identity.outer != "none" else np.zeros(3, np.float32)}
 
 
 def _draw_person(canvas: Canvas, identity: Identity, plan: ImagePlan, values: dict[str, np.ndarray],
@@ -174,8 +199,8 @@ def _draw_person(canvas: Canvas, identity: Identity, plan: ImagePlan, values: di
   man = identity.gender == "man"
   build = BUILD_WIDTH[identity.build]
   squeeze = 0.62 if plan.view == "side" else 1.0
-  shoulder = fh * (0.115 if man else 0.100) * build * squeeze
-  hip = fh * (0.085 if man else 0.097) * build * squeeze
+  shoulder = fh * (0.125 if man else 0.095) * build * squeeze
+  hip = fh * (0.080 if man else 0.105) * build * squeeze
   lean = rng.normal(0, 0.01 * fh)
   limb = fh * 0.030 * math.sqrt(build)
   leg = fh * 0.036 * build ** 0.6
@@ -186,20 +211,24 @@ def _draw_person(canvas: Canvas, identity: Identity, plan: ImagePlan, values: di
 
   # Hair behind the head and shoulders (front/side views show it beside the neck).
   if identity.hair_length != "short" and not back:
-    bottom = y(0.13 if identity.hair_length == "medium" else 0.27)
+    bottom = y(0.17 if identity.hair_length == "medium" else 0.32)
     offset = -plan.facing * head_rx * 0.4 if plan.view == "side" else 0.0
     hair_x = head[0] + offset
-    canvas.polygon([(hair_x - head_rx * 1.15, head[1]), (hair_x + head_rx * 1.15, head[1]),
-                    (hair_x + head_rx * 1.25, bottom), (hair_x - head_rx * 1.25, bottom)], values["hair"])
+    canvas.polygon([(hair_x - head_rx * 1.25, head[1]), (hair_x + head_rx * 1.25, head[1]),
+                    (hair_x + head_rx * 1.45, bottom), (hair_x - head_rx * 1.45, bottom)], values["hair"])
   far_handbag = plan.view == "side" and not plan.handbag_near
   if identity.bag == "handbag" and far_handbag:  # held on the far side: behind the hips and legs
     canvas.polygon([(cx - fh * 0.04, y(0.5)), (cx + fh * 0.04, y(0.5)), (cx + fh * 0.045, y(0.6)),
                     (cx - fh * 0.045, y(0.6))], values["bag"])
   # Backpack seen from the side sticks out behind the torso.
   if identity.bag == "backpack" and plan.view == "side":
-    bx = cx - plan.facing * shoulder * 1.6
-    canvas.polygon([(bx - fh * 0.05, y(0.19)), (bx + fh * 0.05, y(0.19)), (bx + fh * 0.055, y(0.44)),
-                    (bx - fh * 0.055, y(0.44))], values["bag"])
+    bx = cx - plan.facing * shoulder * 1.7
+    canvas.polygon([(bx - fh * 0.06, y(0.18)), (bx + fh * 0.06, y(0.18)), (bx + fh * 0.065, y(0.47)),
+                    (bx - fh * 0.065, y(0.47))], values["bag"])
+  # Backpack seen from the front: its body peeks out on both sides of the torso.
+  if identity.bag == "backpack" and front:
+    canvas.polygon([(cx - shoulder * 1.15, y(0.2)), (cx + shoulder * 1.15, y(0.2)),
+                    (cx + shoulder * 1.2, y(0.48)), (cx - shoulder * 1.2, y(0.48))], values["bag"])
 
   # Legs: hip -> knee -> ankle with a stride; lower clothing over the skin.
   stride = rng.uniform(-0.28, 0.28) * (1.6 if plan.view == "side" else 1.0)
@@ -257,9 +286,9 @@ def _draw_person(canvas: Canvas, identity: Identity, plan: ImagePlan, values: di
 
   def handbag(hand: tuple[float, float]) -> None:
     hx, hy = hand
-    canvas.capsule((hx, hy), (hx, hy + fh * 0.03), limb * 0.3, limb * 0.3, values["bag"])
-    canvas.polygon([(hx - fh * 0.045, hy + fh * 0.03), (hx + fh * 0.045, hy + fh * 0.03),
-                    (hx + fh * 0.05, hy + fh * 0.11), (hx - fh * 0.05, hy + fh * 0.11)], values["bag"])
+    canvas.capsule((hx, hy), (hx, hy + fh * 0.04), limb * 0.35, limb * 0.35, values["bag"])
+    canvas.polygon([(hx - fh * 0.06, hy + fh * 0.04), (hx + fh * 0.06, hy + fh * 0.04),
+                    (hx + fh * 0.07, hy + fh * 0.17), (hx - fh * 0.07, hy + fh * 0.17)], values["bag"])
 
   if plan.view == "side":
     arm(-plan.facing)
@@ -280,14 +309,28 @@ def _draw_person(canvas: Canvas, identity: Identity, plan: ImagePlan, values: di
       canvas.polygon([(cx + la - wa, yy), (cx + la + wa, yy), (cx + lb + wb, yy + period / 2),
                       (cx + lb - wb, yy + period / 2)], values["stripe"])
       yy += period
+  if identity.outer == "vest":  # open at the front (panels at the sides); the back is covered
+    if back or plan.view == "side":
+      canvas.polygon([(cx + lean - shoulder * 0.95, y(0.18)), (cx + lean + shoulder * 0.95, y(0.18)),
+                      (cx + hip * 1.02, y(0.52)), (cx - hip * 1.02, y(0.52))], values["outer"])
+    else:
+      for side in (-1, 1):
+        outer_x, inner_x = cx + lean + side * shoulder * 0.98, cx + lean + side * shoulder * 0.35
+        canvas.polygon([(outer_x, y(0.18)), (inner_x, y(0.18)), (cx + side * hip * 0.3, y(0.52)),
+                        (cx + side * hip * 1.04, y(0.52))], values["outer"])
+  if identity.scarf == "scarf":  # around the neck, its end hanging on the chest (or the back)
+    canvas.capsule((cx + lean - shoulder * 0.45, y(0.165)), (cx + lean + shoulder * 0.45, y(0.165)),
+                   fh * 0.03, fh * 0.03, values["scarf"])
+    tail_x = cx + lean + (0.2 * shoulder if plan.view != "side" else -plan.facing * 0.1 * shoulder)
+    canvas.capsule((tail_x, y(0.17)), (tail_x, y(0.34)), fh * 0.022, fh * 0.02, values["scarf"])
   if identity.bag == "backpack":
     if back:
-      canvas.polygon([(cx + lean - shoulder * 0.75, y(0.2)), (cx + lean + shoulder * 0.75, y(0.2)),
-                      (cx + shoulder * 0.8, y(0.45)), (cx - shoulder * 0.8, y(0.45))], values["bag"])
+      canvas.polygon([(cx + lean - shoulder * 0.9, y(0.18)), (cx + lean + shoulder * 0.9, y(0.18)),
+                      (cx + shoulder * 1.05, y(0.5)), (cx - shoulder * 1.05, y(0.5))], values["bag"])
     elif front:
       for side in (-1, 1):
-        canvas.capsule((cx + lean + side * shoulder * 0.55, y(0.175)), (cx + side * shoulder * 0.6, y(0.4)),
-                       limb * 0.35, limb * 0.35, values["bag"])
+        canvas.capsule((cx + lean + side * shoulder * 0.55, y(0.175)), (cx + side * shoulder * 0.65, y(0.42)),
+                       limb * 0.55, limb * 0.55, values["bag"])
   if plan.view == "side":
     arm(plan.facing)
   else:
@@ -301,25 +344,36 @@ def _draw_person(canvas: Canvas, identity: Identity, plan: ImagePlan, values: di
   if back:
     canvas.ellipse(head[0], head[1], head_rx, head_ry, values["hair"])
     if identity.hair_length != "short":
-      bottom = y(0.13 if identity.hair_length == "medium" else 0.27)
-      canvas.polygon([(head[0] - head_rx * 1.05, head[1]), (head[0] + head_rx * 1.05, head[1]),
-                      (head[0] + head_rx * 1.2, bottom), (head[0] - head_rx * 1.2, bottom)], values["hair"])
+      bottom = y(0.17 if identity.hair_length == "medium" else 0.32)
+      canvas.polygon([(head[0] - head_rx * 1.15, head[1]), (head[0] + head_rx * 1.15, head[1]),
+                      (head[0] + head_rx * 1.4, bottom), (head[0] - head_rx * 1.4, bottom)], values["hair"])
   else:
     canvas.ellipse(head[0], head[1], head_rx, head_ry, values["skin"])
     cap_x = head[0] - (plan.facing * head_rx * 0.3 if plan.view == "side" else 0.0)
     canvas.ellipse(cap_x, head[1] - head_ry * 0.45, head_rx * 1.08, head_ry * 0.62, values["hair"])
+  if identity.headwear == "beanie":  # covers the top of the head down to the ears
+    canvas.ellipse(head[0], head[1] - head_ry * 0.35, head_rx * 1.15, head_ry * 0.75, values["headwear"])
+  elif identity.headwear == "cap":  # a dome and a brim (to the front, or sideways in a side view)
+    canvas.ellipse(head[0], head[1] - head_ry * 0.5, head_rx * 1.08, head_ry * 0.55, values["headwear"])
+    if plan.view == "side":
+      bx = head[0] + plan.facing * head_rx * 1.1
+      canvas.polygon([(bx - head_rx * 0.6, head[1] - head_ry * 0.3), (bx + head_rx * 0.7, head[1] - head_ry * 0.25),
+                      (bx + head_rx * 0.7, head[1] - head_ry * 0.1), (bx - head_rx * 0.6, head[1] - head_ry * 0.1)],
+                     values["headwear"])
+    elif front:
+      canvas.ellipse(head[0], head[1] - head_ry * 0.12, head_rx * 1.2, head_ry * 0.18, values["headwear"])
 
 
 def render_image(identity: Identity, camid: int, index: int, height: int, width: int,
-                 seed: int) -> np.ndarray:
+                 seed: int, scene: Scene = Scene()) -> np.ndarray:
   """Renders image `index` of `identity` in camera `camid` as its plan says.
 
   Returns: (height, width, 3) uint8; for infrared cameras the three channels are equal.
   """
   camera = CAMERA_SETTINGS[camid]
   rng = np.random.default_rng([seed, 2, identity.pid, camid, index])
-  plan = image_plan(seed, identity.pid, camid, index)
-  image = _background(rng, camera, height, width)
+  plan = image_plan(seed, identity.pid, camid, index, scene)
+  image = _background(rng, camera, height, width, scene.clutter)
   canvas = Canvas(image)
   _draw_person(canvas, identity, plan, _values(identity, camera, rng), rng, camera.infrared)
   if plan.occluder != "none":  # A railing / bench across the legs, or a pole.

@@ -36,7 +36,7 @@ from data_pipelines.synthetic import captions, oracle
 from data_pipelines.synthetic.identities import (CAMERAS, INFRARED_ATTRIBUTES, INFRARED_CAMERAS,
                                                   SHARED_ATTRIBUTES, VAL_FRACTION, Identity,
                                                   assign_splits, sample_identity)
-from data_pipelines.synthetic.render import CAMERA_SETTINGS, encode_jpeg, render_image
+from data_pipelines.synthetic.render import CAMERA_SETTINGS, Scene, encode_jpeg, render_image
 
 GENERATOR = "data_pipelines.synthetic"
 VERSION = 2
@@ -50,8 +50,8 @@ _OUTPUTS = tuple(f"cam{c}" for c in CAMERAS) + ("exp", DESCRIPTIONS, CAPTION_TRU
 
 
 def _render_job(job: tuple) -> bytes:
-  identity, camid, index, height, width, seed = job
-  return encode_jpeg(render_image(identity, camid, index, height, width, seed),
+  identity, camid, index, height, width, seed, scene = job
+  return encode_jpeg(render_image(identity, camid, index, height, width, seed, scene),
                      CAMERA_SETTINGS[camid].quality)
 
 
@@ -98,11 +98,11 @@ def _publish(staging: str, out: str) -> None:
 
 def settings_of(num_ids: int, images_per_camera: int, height: int, width: int, seed: int,
                 val_fraction: float, num_test: int | None, purpose: str,
-                noise: captions.CaptionNoise) -> dict:
+                noise: captions.CaptionNoise, scene: Scene) -> dict:
   """The settings recorded in synthetic.json (and compared by data_pipelines.datasets)."""
   return {"num_ids": num_ids, "images_per_camera": images_per_camera, "height": height,
           "width": width, "seed": seed, "val_fraction": val_fraction, "num_test": num_test,
-          "purpose": purpose, **dataclasses.asdict(noise)}
+          "purpose": purpose, **dataclasses.asdict(noise), **dataclasses.asdict(scene)}
 
 
 def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: int = 128,
@@ -110,7 +110,8 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
              num_test: int | None = None, purpose: str = "benchmark", workers: int = 1,
              overwrite: bool = False, min_slots: int = 3, max_slots: int = 6,
              visible_wrong: float = 0.05, ir_colour_missing: float = 0.5,
-             ir_colour_wrong: float = 0.25, verbose: bool = False) -> dict:
+             ir_colour_wrong: float = 0.25, visible_colour_missing: float = 0.0, clutter: float = 0.5, far_prob: float = 0.1,
+             occluder_prob: float = 0.1, verbose: bool = False) -> dict:
   """Writes a synthetic set to `out` and returns a summary.
 
   purpose="benchmark": ids split into test (`num_test`, default a third), val (`val_fraction`) and
@@ -127,7 +128,9 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
     raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
   noise = captions.CaptionNoise(min_slots=min_slots, max_slots=max_slots,
                                 visible_wrong=visible_wrong, ir_colour_missing=ir_colour_missing,
-                                ir_colour_wrong=ir_colour_wrong)
+                                ir_colour_wrong=ir_colour_wrong,
+                                visible_colour_missing=visible_colour_missing)
+  scene = Scene(clutter=clutter, far_prob=far_prob, occluder_prob=occluder_prob)
   out = os.path.abspath(os.fspath(out))
   _check_out(out, overwrite)
   if purpose == "benchmark":
@@ -137,11 +140,11 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
       raise ValueError(f"num_ids must be at least 1, got {num_ids}")
     splits = {pid: "pretrain" for pid in range(1, num_ids + 1)}
   identities = [sample_identity(seed, pid, splits[pid]) for pid in range(1, num_ids + 1)]
-  jobs = [(identity, camid, index, height, width, seed)
+  jobs = [(identity, camid, index, height, width, seed, scene)
           for identity in identities for camid in identity.cameras
           for index in range(1, images_per_camera + 1)]
   settings = settings_of(num_ids, images_per_camera, height, width, seed, val_fraction, num_test,
-                         purpose, noise)
+                         purpose, noise, scene)
 
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
@@ -154,7 +157,7 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
     else:
       _write_images(staging, jobs, map(_render_job, jobs), verbose)
     _write_id_files(staging, identities, purpose)
-    records, truths = _describe_all(jobs, seed, noise)
+    records, truths = _describe_all(jobs, seed, noise, scene)
     descriptions_lib.write_records(os.path.join(staging, DESCRIPTIONS), records)
     with open(os.path.join(staging, CAPTION_TRUTH), "w", encoding="utf-8") as f:
       for t in truths:
@@ -191,19 +194,20 @@ def _oracle(identities: Sequence[Identity], images_per_camera: int) -> dict:
           "test_ids": num, "test_ids_with_unique_infrared_attributes": distinct}
 
 
-def _describe_all(jobs: Sequence[tuple], seed: int, noise: captions.CaptionNoise
+def _describe_all(jobs: Sequence[tuple], seed: int, noise: captions.CaptionNoise, scene: Scene
                   ) -> tuple[list[dict], list[dict]]:
   records, truths = [], []
   for identity, camid, index, *_ in jobs:
     infrared = camid in INFRARED_CAMERAS
-    text, truth = captions.describe(identity, camid, index, seed, noise, infrared)
+    text, truth = captions.describe(identity, camid, index, seed, noise, infrared, scene)
     image = f"cam{camid}/{identity.pid:04d}/{index:04d}.jpg"
     records.append({
         "image": image, "modality": "infrared" if infrared else "visible", "description": text,
         "rewritten": None, "model": captions.CAPTIONER,
         "prompt": captions.INFRARED_PROMPT if infrared else captions.VISIBLE_PROMPT,
         "rewrite_model": None, "rewrite_prompt": None,
-        "generation": {"generator": GENERATOR, "seed": seed, **dataclasses.asdict(noise)},
+        "generation": {"generator": GENERATOR, "seed": seed, **dataclasses.asdict(noise),
+                       **dataclasses.asdict(scene)},
         "flags": []})
     truths.append({"image": image, "pid": identity.pid, "camid": camid, **truth})
   order = sorted(range(len(records)), key=lambda i: records[i]["image"])
@@ -273,6 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="probability that an infrared caption omits a colour")
   parser.add_argument("--ir_colour_wrong", type=float, default=0.25,
                       help="probability that an infrared caption names a wrong colour")
+  parser.add_argument("--visible_colour_missing", type=float, default=0.0,
+                      help="probability that a visible caption omits a colour (alt-text style)")
+  parser.add_argument("--clutter", type=float, default=0.5,
+                      help="contrast of the background clutter (0: plain backgrounds)")
+  parser.add_argument("--far_prob", type=float, default=0.1, help="share of distant, small people")
+  parser.add_argument("--occluder_prob", type=float, default=0.1,
+                      help="share of images with a railing or a pole in front of the person")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace a data set this generator wrote before in --out")
   args = parser.parse_args(argv)
@@ -282,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              workers=args.workers, overwrite=args.overwrite, min_slots=args.min_slots,
              max_slots=args.max_slots, visible_wrong=args.visible_wrong,
              ir_colour_missing=args.ir_colour_missing, ir_colour_wrong=args.ir_colour_wrong,
+             visible_colour_missing=args.visible_colour_missing, clutter=args.clutter,
+             far_prob=args.far_prob, occluder_prob=args.occluder_prob,
              verbose=True)
   except (DatasetError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,221 @@
+"""Does each EEES term do what SPEC section 3 says? Measurements on the synthetic test identities.
+
+  python -m eees_jax.diagnostics --workdirs=workdir/ablation/ese/seed0,workdir/ablation/full/seed0 \
+      [--split=test] [--out=diagnostics.md]
+
+For each trained workdir (loaded with eees_jax.inference, so only the workdir and the data set's
+folder are read), on the test (or val) identities of a synthetic set, whose captions and caption
+truth (captions.jsonl) cover every image:
+
+- CMSP targets the gap between cross- and intra-modality distances of the pair representations
+  z_i = g(v^_i, t^_i) of one identity. Reported: mean d_inter - d_intra and the CMSP objective
+  mean (d_inter - d_intra)^2 (SPEC 3.6, Euclidean, mean intra), over anchors whose identity has
+  both modalities; the same gap for the image features v^ alone.
+- CVSC targets single views that lack what other views of the person show. Reported: (a) the
+  agreement of a single view with the multi-view teacher: mean KL(p^T_c || p^S_i) with
+  p^T_c = softmax_d(<Zbar_c, Tbar_d> / T), p^S_i = softmax_d(<v^_i, Tbar_d> / T) over the
+  identities of the split (SPEC 3.5), and the share of views whose p^S ranks their own identity
+  first; (b) retrieval of attributes that a view's own caption OMITS: for each image and each
+  attribute its caption does not state but the image shows, the probe sentences that differ only
+  in that attribute's value are ranked by similarity to v^_i; accuracy of the true value, beside
+  the same accuracy on attributes the caption does state.
+
+Everything is computed on held-out identities; nothing here is used for tuning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from data_pipelines.records import INFRARED, VISIBLE
+
+# Probe sentences: only the attribute's value varies. (slot, modalities it is probed in, values).
+_PROBES = {
+    "gender": ((VISIBLE, INFRARED), lambda p: {"man": "A man.", "woman": "A woman."}, "gender"),
+    "hair": ((VISIBLE, INFRARED), lambda p: {v: f"A person with {w} hair." for v, w in
+                                              (("short", "short"), ("medium", "shoulder-length"),
+                                               ("long", "long"))}, "hair_length"),
+    "shoes": ((VISIBLE, INFRARED), lambda p: {"sneakers": "A person wearing sneakers.",
+                                              "boots": "A person wearing boots."}, "shoes"),
+    "bag": ((VISIBLE, INFRARED), lambda p: {"backpack": "A person carrying a backpack.",
+                                            "handbag": "A person carrying a handbag."}, "bag"),
+    "upper": ((VISIBLE,), None, "upper_colour"),
+    "lower": ((VISIBLE,), None, "lower_colour"),
+}
+
+
+def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+  x = x - x.max(axis=axis, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def modality_gap(z: np.ndarray, pids: np.ndarray, modality: np.ndarray) -> tuple[float, float]:
+  """(mean d_inter - d_intra, mean (d_inter - d_intra)^2) over anchors with both kinds of partner.
+
+  z: [n, d]; Euclidean distances; d_intra(i) = mean over j != i with the same identity and
+  modality, d_inter(i) = mean over j with the same identity and the other modality.
+  """
+  d = np.sqrt(np.maximum(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1), 0.0))
+  same = pids[:, None] == pids[None, :]
+  same_mod = modality[:, None] == modality[None, :]
+  intra = same & same_mod & ~np.eye(len(z), dtype=bool)
+  inter = same & ~same_mod
+  ok = intra.any(1) & inter.any(1)
+  gap = (np.where(inter, d, 0).sum(1) / np.maximum(inter.sum(1), 1)
+         - np.where(intra, d, 0).sum(1) / np.maximum(intra.sum(1), 1))[ok]
+  return float(gap.mean()), float((gap ** 2).mean())
+
+
+def teacher_agreement(v: np.ndarray, t: np.ndarray, pids: np.ndarray, temperature: float
+                      ) -> tuple[float, float]:
+  """(mean KL(teacher || student), share of views whose student ranks their identity first).
+
+  v, t: unit image and caption features [n, d] of the same images; identities from `pids`.
+  Teacher and student as CVSC (SPEC 3.5) with g = l2(a + b), over the identities present.
+  """
+  ids = np.unique(pids)
+  vbar = _l2(np.stack([v[pids == c].mean(0) for c in ids]))
+  tbar = _l2(np.stack([t[pids == c].mean(0) for c in ids]))
+  zbar = _l2(vbar + tbar)
+  teacher = _softmax(zbar @ tbar.T / temperature)            # [C, C]
+  student = _softmax(v @ tbar.T / temperature)                # [n, C]
+  row = np.searchsorted(ids, pids)
+  p = teacher[row]
+  kl = (p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(student, 1e-12)))).sum(1)
+  return float(kl.mean()), float(np.mean(np.argmax(student, 1) == row))
+
+
+def attribute_retrieval(v: np.ndarray, records: Sequence, truths: dict, people: dict, embed_text
+                        ) -> dict[str, dict[str, float]]:
+  """Accuracy of reading each attribute from v^ by probe sentences: {"omitted"|"stated": {slot: acc}}.
+
+  An (image, slot) pair counts as "omitted" when the image shows the slot but its caption does
+  not state it, as "stated" when the caption states it.
+  """
+  from data_pipelines.synthetic.identities import LOWER_COLOURS, LOWER_NOUNS, UPPER_COLOURS, UPPER_NOUNS
+  hits: dict[tuple[str, str], list[bool]] = defaultdict(list)
+  cache: dict[str, np.ndarray] = {}
+  for i, r in enumerate(records):
+    truth = truths[r.path]
+    person = people[r.pid]
+    for slot, (modalities, make, attr) in _PROBES.items():
+      if r.modality not in modalities or slot not in truth["visible"]:
+        continue
+      if truth["visible"][slot] == "partial":
+        continue
+      if slot == "upper":
+        noun = UPPER_NOUNS[(person["sleeve"], person["upper_material"])]
+        options = {c: f"A person wearing a {c} {noun}." for c in UPPER_COLOURS}
+      elif slot == "lower":
+        noun = LOWER_NOUNS[(person["lower_type"], person["lower_material"])]
+        options = {c: f"A person wearing {c} {noun}." for c in LOWER_COLOURS}
+      else:
+        options = make(person)
+      value = person[attr]
+      if value not in options:
+        continue
+      keys = list(options)
+      missing = [options[k] for k in keys if options[k] not in cache]
+      if missing:
+        for s, e in zip(missing, embed_text(missing)):
+          cache[s] = e
+      scores = np.stack([cache[options[k]] for k in keys]) @ v[i]
+      kind = "stated" if slot in truth["stated"] else "omitted"
+      hits[(kind, slot)].append(keys[int(np.argmax(scores))] == value)
+  out: dict[str, dict[str, float]] = {"omitted": {}, "stated": {}}
+  for (kind, slot), h in sorted(hits.items()):
+    out[kind][slot] = float(np.mean(h))
+  for kind in out:
+    all_hits = [x for (k, _), h in hits.items() if k == kind for x in h]
+    out[kind]["all"] = float(np.mean(all_hits)) if all_hits else float("nan")
+    out[kind]["count"] = len(all_hits)
+  return out
+
+
+def diagnose(workdir: str, root: str | None = None, split: str = "test", step: str = "latest") -> dict:
+  """All diagnostics of one workdir on the `split` identities of its synthetic set."""
+  from data_pipelines import descriptions as descriptions_lib
+  from data_pipelines import sysu_mm01, synthetic
+  from eees_jax import inference
+  model = inference.load(workdir, step=step)
+  cfg = model.config
+  root = root or cfg.dataset.root
+  truth_path = os.path.join(root, synthetic.CAPTION_TRUTH)
+  if not os.path.isfile(truth_path):
+    raise FileNotFoundError(f"{truth_path} not found: the diagnostics need a synthetic set written by "
+                            "this generator (captions.jsonl)")
+  truths = {json.loads(line)["image"]: json.loads(line) for line in open(truth_path, encoding="utf-8")}
+  people = {p["pid"]: p for p in json.load(open(os.path.join(root, synthetic.MARKER)))["identities"]}
+  records = sysu_mm01.test_records(root, split)
+  texts = descriptions_lib.load_descriptions(os.path.join(root, synthetic.DESCRIPTIONS), records)
+  modality = np.asarray([r.modality for r in records])
+  pids = np.asarray([r.pid for r in records])
+  v = np.concatenate([model.embed_joint([os.path.join(root, r.path) for r in records if r.modality == m], m)
+                      for m in (VISIBLE, INFRARED)])
+  order = np.concatenate([np.flatnonzero(modality == m) for m in (VISIBLE, INFRARED)])
+  v_by_record = np.empty_like(v)
+  v_by_record[order] = v
+  v = v_by_record
+  t = model.embed_text(texts)
+  if cfg.loss.pair.kind != "sum":
+    raise ValueError(f"diagnostics implement the pair representation 'sum' only; {workdir} used "
+                     f"loss.pair.kind={cfg.loss.pair.kind!r}")
+  z = _l2(v + t)
+  gap_z, cmsp_z = modality_gap(z, pids, modality)
+  gap_v, _ = modality_gap(v, pids, modality)
+  kl, agree = teacher_agreement(v, t, pids, float(cfg.loss.cvsc.kd_temperature))
+  return {"workdir": workdir, "step": model.step, "split": split, "images": len(records),
+          "cmsp": {"pair_gap": gap_z, "pair_objective": cmsp_z, "image_gap": gap_v},
+          "cvsc": {"teacher_kl": kl, "teacher_top1": agree,
+                   "attributes": attribute_retrieval(v, records, truths, people, model.embed_text)}}
+
+
+def markdown(results: Sequence[dict]) -> str:
+  lines = ["| run | CMSP: pair gap d_inter - d_intra | CMSP objective | image-feature gap | "
+           "CVSC: KL(teacher || view) | view ranks own identity first | omitted attributes read | "
+           "stated attributes read |", "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    a = r["cvsc"]["attributes"]
+    lines.append(f"| {r['workdir']} | {r['cmsp']['pair_gap']:.4f} | {r['cmsp']['pair_objective']:.5f} | "
+                 f"{r['cmsp']['image_gap']:.4f} | {r['cvsc']['teacher_kl']:.4f} | "
+                 f"{100 * r['cvsc']['teacher_top1']:.1f}% | "
+                 f"{100 * a['omitted']['all']:.1f}% (n={a['omitted']['count']}) | "
+                 f"{100 * a['stated']['all']:.1f}% (n={a['stated']['count']}) |")
+  return "\n".join(lines) + "\n"
+
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Trained workdirs to diagnose.")
+_ROOT = flags.DEFINE_string("root", None, "Synthetic set folder (default: each run's dataset.root).")
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "Identities to measure on.")
+_OUT = flags.DEFINE_string("out", None, "Also write the table (markdown) and JSON beside it here.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _WORKDIRS.value:
+    raise app.UsageError("--workdirs is required")
+  results = [diagnose(w, _ROOT.value, _SPLIT.value) for w in _WORKDIRS.value]
+  md = markdown(results)
+  print(md)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(md)
+    with open(os.path.splitext(_OUT.value)[0] + ".json", "w") as f:
+      json.dump(results, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
