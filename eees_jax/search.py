@@ -446,7 +446,8 @@ def ranked_picture(hits: Sequence[Hit], images_root: str, path: str,
 # Command line.
 # ----------------------------------------------------------------------------------------------
 
-def _step(value: str) -> str | int:
+def parse_step(value: str) -> str | int:
+  """A --step value: 'latest', 'best' or a step number."""
   return int(value) if value.isdigit() else value
 
 
@@ -456,7 +457,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   idx = sub.add_parser("index", help="embed every image under a folder into an index folder")
   idx.add_argument("--workdir", required=True, help="the trained model's workdir")
-  idx.add_argument("--step", type=_step, default="latest", help="latest, best or a step number")
+  idx.add_argument("--step", type=parse_step, default="latest", help="latest, best or a step number")
   idx.add_argument("--images", required=True, help="folder of images (searched recursively)")
   idx.add_argument("--out", required=True, help="index folder to write")
   idx.add_argument("--modality", default="sysu", choices=MODALITY_RULES,
@@ -476,7 +477,7 @@ def _parser() -> argparse.ArgumentParser:
                       "l2((1 - w) l2(v_image) + w l2(t))")
   q.add_argument("--picture", default="ranked_list.png", help="ranked-list PNG to write ('' none)")
   q.add_argument("--workdir", help="model workdir (default: the one the index records)")
-  q.add_argument("--step", type=_step, default=None,
+  q.add_argument("--step", type=parse_step, default=None,
                  help="model step (default: the index's step for its workdir, else latest)")
   return parser
 
@@ -519,6 +520,7 @@ def _query(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow decodes images: no info logs
   args = _parser().parse_args(argv)
   try:
     if args.command == "index":

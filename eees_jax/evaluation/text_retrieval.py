@@ -254,16 +254,12 @@ def run(workdir: str, step: str | int = "latest", trials: int = 10, split: str =
   return results
 
 
-def _step(value: str) -> str | int:
-  return int(value) if value.isdigit() else value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   parser = argparse.ArgumentParser(prog="python -m eees_jax.evaluation.text_retrieval",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="trained model's workdir")
-  parser.add_argument("--step", type=_step, default="latest", help="latest, best or a step number")
+  parser.add_argument("--step", type=lambda v: int(v) if v.isdigit() else v, default="latest", help="latest, best or a step number")
   parser.add_argument("--trials", type=int, default=10, help="gallery draws (10 in the protocol)")
   parser.add_argument("--split", default="test", choices=sysu_mm01.EVAL_SPLITS,
                       help="test ids, or val ids (held-out training ids, for tuning)")
