@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -39,6 +39,7 @@ class Embedder:
   """Image and text embeddings of one trained checkpoint. Build it with `load`.
 
   Attributes: workdir, step, config (the experiment config of the run), spec (experiment.ModelSpec),
+  tokenizer (models.tokenizer.Tokenizer) and tokenizer_spec ('clip' or its files in the workdir),
   height / width (input size), flip, feature_dim (test-time feature), joint_dim (CLIP joint space:
   embed_joint and embed_text), modalities (the names of the modalities it has stems for),
   batch_size, model_id (identifies parameters, step and feature layout: an index built by another
@@ -56,6 +57,7 @@ class Embedder:
     self.modalities = tuple(MODALITY_NAMES[m] for m in sorted(MODALITY_NAMES) if m < stems)
     self._model, self._variables, self._text_params = model, variables, text_params
     self._tokenizer, self._mesh = tokenizer, mesh
+    self.tokenizer, self.tokenizer_spec = tokenizer, checkpoints.tokenizer_spec(workdir, record)
     self._test_fn = embedding.test_feature_fn(model.eees, self.flip)
     self._joint_fn = embedding.joint_feature_fn(model.eees)
     self._text_fn = jax.jit(
@@ -107,6 +109,17 @@ class Embedder:
     tokens = self._tokenizer.tokenize(list(sentences))
     return embedding.embed_tokens(self._text_fn, self._text_params, tokens, self.batch_size,
                                   desc="embedding text")
+
+  def image_function(self) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any]:
+    """(fn, variables): fn(variables, images uint8 [B, height, width, 3], modality int32 [B]) ->
+    test-time features [B, feature_dim], CLIP normalisation inside: what embed_images runs on each
+    batch (for eees_jax.export)."""
+    return self._test_fn, self._variables
+
+  def text_function(self) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """(fn, params): fn(params, tokens int32 [B, context_length]) -> unit text features
+    [B, joint_dim]: what embed_text runs (tokens from `tokenizer.tokenize`)."""
+    return self._text_fn, self._text_params
 
   # --- internals ---------------------------------------------------------------------------------
 
