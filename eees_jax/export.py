@@ -20,7 +20,7 @@ The parameters are constants inside the jax.export artifacts; the artifacts are 
 platform in --platforms (default cpu, cuda and tpu), so one file runs on any of them. Images must
 be resized to the model's input size first, as evaluation does (anti-aliased bilinear, rounded
 to uint8: `tf.image.resize(image, (H, W), "bilinear", antialias=True)`); modality 0 is visible, 1
-infrared. The folder is written into a staging folder and renamed into place.
+infrared. The folder is written into a staging folder and renamed into place (eees_jax/staging.py).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import TYPE_CHECKING, Sequence
 
 import jax
@@ -37,6 +36,7 @@ from jax import export as jax_export
 import numpy as np
 
 from data_pipelines.records import MODALITY_NAMES
+from eees_jax import staging
 
 if TYPE_CHECKING:
   from eees_jax.inference import Embedder
@@ -45,7 +45,6 @@ FORMAT, VERSION = "eees-jax-export", 1
 IMAGE_FILE, TEXT_FILE = "image_embedder.jax_export", "text_embedder.jax_export"
 SAVED_MODEL, TOKENIZER, SPEC = "saved_model", "tokenizer", "embedders.json"
 PLATFORMS = ("cpu", "cuda", "tpu")
-_STAGING = ".staging-"
 
 
 class ExportError(ValueError):
@@ -145,16 +144,13 @@ def export(model: Embedder, out: str, platforms: Sequence[str] = PLATFORMS,
       raise ExportError(f"--out {out} exists and holds no {SPEC}: not an export folder")
     if not overwrite and os.listdir(out):
       raise ExportError(f"--out {out} already holds an export; pass --overwrite to replace it")
-  parent, name = os.path.split(out)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f"{_STAGING}{name}-", dir=parent)
-  try:
-    with open(os.path.join(staging, IMAGE_FILE), "wb") as f:
+  with staging.staged_folder(out) as folder:
+    with open(os.path.join(folder, IMAGE_FILE), "wb") as f:
       f.write(export_image_embedder(model, platforms).serialize())
-    with open(os.path.join(staging, TEXT_FILE), "wb") as f:
+    with open(os.path.join(folder, TEXT_FILE), "wb") as f:
       f.write(export_text_embedder(model, platforms).serialize())
     if tf_saved_model:
-      save_tf(model, os.path.join(staging, SAVED_MODEL), platforms)
+      save_tf(model, os.path.join(folder, SAVED_MODEL), platforms)
     per_view = model.feature_dim // 2 if model.flip else model.feature_dim
     spec = {
         "format": FORMAT, "version": VERSION, "platforms": list(platforms),
@@ -179,24 +175,12 @@ def export(model: Embedder, out: str, platforms: Sequence[str] = PLATFORMS,
                                   "shape": ["b", model.tokenizer.context_length]}},
             "output": {"name": "features", "dtype": "float32", "shape": ["b", model.joint_dim],
                        "layout": "l2-normalised text feature in CLIP's joint space"}},
-        "tokenizer": _tokenizer_record(model, os.path.join(staging, TOKENIZER)),
+        "tokenizer": _tokenizer_record(model, os.path.join(folder, TOKENIZER)),
         "saved_model": SAVED_MODEL if tf_saved_model else None,
     }
-    with open(os.path.join(staging, SPEC), "w") as f:
+    with open(os.path.join(folder, SPEC), "w") as f:
       json.dump(spec, f, indent=1)
       f.write("\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    if os.path.exists(out):
-      retired = tempfile.mkdtemp(prefix=f".retired-{name}-", dir=parent)
-      os.replace(out, os.path.join(retired, "old"))
-      os.replace(staging, out)
-      shutil.rmtree(retired, ignore_errors=True)
-    else:
-      os.replace(staging, out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   return spec
 
 

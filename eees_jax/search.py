@@ -31,9 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import textwrap
 import time
 from typing import TYPE_CHECKING, Sequence
@@ -41,7 +39,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from data_pipelines.records import MODALITY_NAMES
-from eees_jax import embedding, exact_search
+from eees_jax import embedding, exact_search, staging
 
 if TYPE_CHECKING:
   from eees_jax.inference import Embedder
@@ -57,8 +55,6 @@ GALLERY_MODALITIES = ("all", "visible", "infrared")
 SYSU_CAMERAS = {f"cam{c}": c for c in range(1, 7)}
 SYSU_INFRARED = (3, 6)
 _EMBED_BLOCK = 1024     # images per embedding call while indexing (the progress bar's step)
-_STAGING = ".staging-"
-_RETIRED = ".retired-"
 _MODALITY_CODE = {name: code for code, name in MODALITY_NAMES.items()}
 
 
@@ -130,18 +126,6 @@ def model_identity(model: Embedder) -> dict:
           "modalities": list(model.modalities)}
 
 
-def _publish(staging: str, out: str) -> None:
-  """Renames `staging` to `out`, replacing a previous index there."""
-  if os.path.exists(out):
-    parent, name = os.path.split(out)
-    retired = tempfile.mkdtemp(prefix=f"{_RETIRED}{name}-", dir=parent)
-    os.replace(out, os.path.join(retired, "index"))
-    os.replace(staging, out)
-    shutil.rmtree(retired, ignore_errors=True)
-  else:
-    os.replace(staging, out)
-
-
 def _check_out(out: str, overwrite: bool) -> None:
   if not os.path.exists(out):
     return
@@ -165,21 +149,12 @@ def build_index(model: Embedder, images: str, out: str, rule: str = "sysu",
     raise SearchError(f"the folder holds {' and '.join(lacking)} images (--modality {rule}); the "
                       f"model of {model.workdir} has stems for {' and '.join(model.modalities)} "
                       "images only")
-  parent, name = os.path.split(out)
-  os.makedirs(parent, exist_ok=True)
-  for entry in os.listdir(parent):  # what a killed run left beside the index
-    if entry.startswith((f"{_STAGING}{name}-", f"{_RETIRED}{name}-")):
-      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-  staging = tempfile.mkdtemp(prefix=f"{_STAGING}{name}-", dir=parent)
-  umask = os.umask(0)  # mkdtemp makes the folder 0700; give the index the usual permissions
-  os.umask(umask)
-  os.chmod(staging, 0o777 & ~umask)
   start = time.perf_counter()
-  try:
+  with staging.staged_folder(out) as folder:
     n = len(entries)
-    feats = np.lib.format.open_memmap(os.path.join(staging, FEATURES), "w+", np.float32,
+    feats = np.lib.format.open_memmap(os.path.join(folder, FEATURES), "w+", np.float32,
                                       (n, model.feature_dim))
-    joint = np.lib.format.open_memmap(os.path.join(staging, JOINT), "w+", np.float32,
+    joint = np.lib.format.open_memmap(os.path.join(folder, JOINT), "w+", np.float32,
                                       (n, model.joint_dim))
     with tqdm(total=n, desc="indexing", unit="img", disable=not progress) as bar:
       for lo in range(0, n, _EMBED_BLOCK):
@@ -192,19 +167,16 @@ def build_index(model: Embedder, images: str, out: str, rule: str = "sysu",
     feats.flush()
     joint.flush()
     del feats, joint
-    with open(os.path.join(staging, IMAGES), "w", encoding="utf-8") as fh:
+    with open(os.path.join(folder, IMAGES), "w", encoding="utf-8") as fh:
       for e in entries:
         fh.write(json.dumps(e.to_json()) + "\n")
     meta = {"format": FORMAT, "version": VERSION, "model": model_identity(model),
             "images": images, "modality_rule": rule, "count": n,
             "modalities": {m: sum(e.modality == m for e in entries) for m in MODALITY_NAMES.values()},
             "seconds": round(time.perf_counter() - start, 2)}
-    with open(os.path.join(staging, META), "w") as fh:
+    with open(os.path.join(folder, META), "w") as fh:
       json.dump(meta, fh, indent=1)
       fh.write("\n")
-    _publish(staging, out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   return meta
 
 
@@ -287,7 +259,8 @@ def load_model(index: Index, workdir: str | None = None, step: str | int | None 
   from eees_jax import inference  # pylint: disable=g-import-not-at-top (jax models: only here)
   workdir = workdir or index.model["workdir"]
   if step is None:
-    step = index.model["step"] if workdir == index.model["workdir"] else "latest"
+    same = os.path.abspath(workdir) == index.model["workdir"]
+    step = index.model["step"] if same else "latest"
   try:
     model = inference.load(workdir, step)
   except inference.WorkdirError as e:
@@ -397,7 +370,8 @@ _INK, _FRAME, _QUERY = (20, 20, 20), (200, 200, 200), (40, 80, 230)
 _MODALITY_COLOUR = {"visible": (0, 140, 60), "infrared": (170, 40, 40)}
 
 
-def describe(entry: Entry) -> str:
+def entry_label(entry: Entry) -> str:
+  """'visible cam1', 'infrared' (no camera known)."""
   cam = f" cam{entry.camera}" if entry.camera is not None else ""
   return f"{entry.modality}{cam}"
 
@@ -437,7 +411,7 @@ def ranked_picture(hits: Sequence[Hit], images_root: str, path: str,
     colour = _MODALITY_COLOUR.get(hit.entry.modality, _FRAME)
     sheet.paste(ImageOps.expand(im, border=2, fill=colour), (x, y))
     draw.text((x + 2, y + h + 2), f"{hit.rank}: {hit.score:.3f}", fill=_INK, font=font)
-    draw.text((x + 2, y + h + 14), describe(hit.entry), fill=colour, font=font)
+    draw.text((x + 2, y + h + 14), entry_label(hit.entry), fill=colour, font=font)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   sheet.save(path)
 

@@ -71,6 +71,18 @@ _PAGE = """<!doctype html>
 </style>
 </head>
 <body>
+{% macro gallery_and_k(prefix) %}
+    <div class="row">
+      <div><label for="{{ prefix }}-gallery">Search among</label>
+        <select id="{{ prefix }}-gallery" name="gallery">
+          {% for m in gallery_modalities %}
+          <option value="{{ m }}"{% if m == gallery %} selected{% endif %}>{{ 'all' if m == 'all' else m }} images</option>
+          {% endfor %}
+        </select></div>
+      <div><label for="{{ prefix }}-k">Results</label>
+        <input type="text" id="{{ prefix }}-k" name="k" value="{{ k }}"></div>
+    </div>
+{% endmacro %}
 <header>
   <h1>EEES person search</h1>
   <p>{{ count }} images ({{ counts }}) under {{ images }} &middot; model {{ model_id }}
@@ -83,12 +95,7 @@ _PAGE = """<!doctype html>
     <label for="text-query">Description of the person</label>
     <textarea id="text-query" name="text"
       placeholder="a woman with long hair in a dark skirt, carrying a backpack">{{ text_value }}</textarea>
-    <div class="row">
-      <div><label for="text-gallery">Search among</label>{{ gallery_select('text-gallery') }}</div>
-      <div><label for="text-k">Results</label>
-        <input type="text" id="text-k" name="k" value="{{ k }}"></div>
-    </div>
-    <button id="text-submit" type="submit">Search</button>
+{{ gallery_and_k('text') }}    <button id="text-submit" type="submit">Search</button>
   </form>
   <form id="image-form" action="{{ url_for('search_image') }}" method="post"
         enctype="multipart/form-data">
@@ -102,12 +109,7 @@ _PAGE = """<!doctype html>
     </select>
     <label for="image-text">With a sentence (optional: fuses image and text)</label>
     <input type="text" id="image-text" name="text" placeholder="e.g. carrying a red backpack">
-    <div class="row">
-      <div><label for="image-gallery">Search among</label>{{ gallery_select('image-gallery') }}</div>
-      <div><label for="image-k">Results</label>
-        <input type="text" id="image-k" name="k" value="{{ k }}"></div>
-    </div>
-    <button id="image-submit" type="submit">Search</button>
+{{ gallery_and_k('image') }}    <button id="image-submit" type="submit">Search</button>
   </form>
 </aside>
 <section>
@@ -142,17 +144,6 @@ _PAGE = """<!doctype html>
 </body>
 </html>
 """
-
-
-def _gallery_select(selected: str):
-  def render(element_id: str):
-    from markupsafe import Markup, escape  # pylint: disable=g-import-not-at-top (Flask's)
-    options = "".join(
-        f'<option value="{m}"{" selected" if m == selected else ""}>'
-        f'{"all images" if m == "all" else m + " images"}</option>'
-        for m in search.GALLERY_MODALITIES)
-    return Markup(f'<select id="{escape(element_id)}" name="gallery">{options}</select>')
-  return render
 
 
 def _decode_upload(data: bytes) -> np.ndarray:
@@ -197,18 +188,16 @@ def create_app(searcher: search.Searcher, k: int = 20):
     html = flask.render_template_string(
         _PAGE, hits=hits, query=query, error=error, k=k, gallery=gallery, text_value=text_value,
         modality=modality,
-        gallery_select=_gallery_select(gallery), count=len(index.entries), counts=counts,
+        gallery_modalities=search.GALLERY_MODALITIES, count=len(index.entries), counts=counts,
         images=index.images, model_id=index.model["model_id"], step=index.model["step"])
     return html, status
 
   @app.get("/")
   def page():
     args = flask.request.args
+    k, gallery = default_k, "all"
     try:
       k, gallery = params(args)
-    except search.SearchError as e:
-      return render(error=str(e), status=400)
-    try:
       if "entry" in args:
         try:
           i = int(args["entry"])
@@ -217,7 +206,7 @@ def create_app(searcher: search.Searcher, k: int = 20):
         hits = searcher.by_entry(i, k, gallery)
         e = index.entries[i]
         query = {"image": flask.url_for("image", path=e.path),
-                 "what": f"indexed image {e.path} ({search.describe(e)}) → {gallery} images"}
+                 "what": f"indexed image {e.path} ({search.entry_label(e)}) → {gallery} images"}
         return render(hits, query, k=k, gallery=gallery)
       text = args.get("text", "")
       if text.strip():
@@ -231,13 +220,11 @@ def create_app(searcher: search.Searcher, k: int = 20):
   @app.post("/search/image")
   def search_image():
     form = flask.request.form
-    try:
-      k, gallery = params(form)
-    except search.SearchError as e:
-      return render(error=str(e), status=400)
     upload = flask.request.files.get("image")
     modality, text = form.get("modality", ""), form.get("text", "").strip()
+    k, gallery = default_k, "all"
     try:
+      k, gallery = params(form)
       if upload is None or not upload.filename:
         raise search.SearchError("choose an image file to search with")
       image = _decode_upload(upload.read())
