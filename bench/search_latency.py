@@ -7,9 +7,9 @@
 Galleries are random unit vectors generated on the default device, of the two test-time feature
 sizes that matter: 1280 (the synthetic benchmark's model, configs/synthetic.py: 2 x (512 + 128))
 and 6144 (CLIP RN50, configs/sysu.py: 2 x (2048 + 1024)). A query is what `eees_jax.search`
-runs for one image or sentence: the query row to the device, the jitted chunked scan (fixed chunk
-of exact_search.DEFAULT_CHUNK rows, highest matmul precision) with a running top k, the top k back
-to the host; its time excludes the embedding of the query and the one-off upload of the gallery.
+runs for one image or sentence: the query row to the device, one jitted step per chunk (fixed chunk
+of exact_search.DEFAULT_CHUNK rows, highest matmul precision) merging into a running top k on the
+device, the top k back to the host; its time excludes the embedding of the query and the one-off upload of the gallery.
 Reported: median and 90th percentile over repeated single queries (after compile-and-warm-up
 calls), and the time per query when 64 queries go in one call. A size whose gallery would take
 more than --max-memory-fraction of the device's (or, on CPU, the host's) memory is skipped and
@@ -143,8 +143,9 @@ def main(argv=None) -> None:
            f"Command: `{_command(parser, args)}`. "
            f"Machine: {machine_description()}. Load average before the run: {load_before}"
            + (f"; {args.note}" if args.note else "") + ". One run.", "",
-           f"One query = query to the device, jitted scan over {exact_search.DEFAULT_CHUNK}-row "
-           f"chunks with a running top-{K} (float32, highest precision), top-{K} back to the host; "
+           f"One query = query to the device, one jitted step per {exact_search.DEFAULT_CHUNK}-row "
+           f"chunk merging into a running top-{K} (float32, highest precision), top-{K} back to the "
+           "host; "
            "the query's embedding is not included. Gallery: random unit vectors; results "
            "checked against a direct top-k of the full score row.", "",
            "| gallery | dim | gallery GiB | median ms / query | p90 ms | ms / query, 64 per call |",

@@ -2,10 +2,14 @@
 
 A gallery of a million 2048-d features would need a million-square matrix to rank every entry
 against every other; a query needs only its own row, and even that is not materialised here: the
-gallery lives on the device as [chunks, chunk_size, d] (zero-padded), one jitted `lax.scan` scores
-one chunk at a time (queries x chunk) and merges that chunk's top k into a running top k. Work
+gallery lives on the device as chunks of chunk_size rows (the last one zero-padded), and one jitted
+step scores a chunk (queries x chunk) and merges its top k into a running top k that stays on the
+device; the steps are dispatched asynchronously, one per chunk, all of one compiled shape. Work
 memory is O(queries x chunk_size), whatever the gallery size, and the result is exact (every entry
-is scored in float32 at the highest matmul precision; no approximation, no quantisation).
+is scored in float32 at the highest matmul precision; no approximation, no quantisation). A
+`lax.scan` over one [chunks, chunk_size, d] array was 4-5x slower on XLA:CPU (it copies each
+chunk it slices: 726 vs 130 ms for one query over 100k 6144-d rows) and barely faster on one H200
+(9.3 vs 9.8 ms over 1M 6144-d rows, 4.7 vs 5.0 ms over 1M 1280-d rows).
 
 Entries carry a small integer group (the index uses it for the modality); a search may allow only
 some groups. Ties are broken by the lower gallery index, as a stable sort would.
@@ -34,31 +38,23 @@ def _query_rows(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _scan_top_k(chunks: jax.Array, groups: jax.Array, queries: jax.Array, allowed: jax.Array,
-                k: int) -> tuple[jax.Array, jax.Array]:
-  """chunks [C, S, d], groups int32 [C, S] (-1 padding), queries [B, d], allowed bool [G]
-  -> (scores [B, k], gallery indices int32 [B, k]); -inf scores where fewer than k entries exist."""
-  num_chunks, size, _ = chunks.shape
-  batch = queries.shape[0]
-
-  def step(carry, xs):
-    best_s, best_i = carry
-    chunk, group, offset = xs
-    s = jnp.matmul(queries, chunk.T, precision=jax.lax.Precision.HIGHEST)   # [B, S]
-    ok = (group >= 0) & allowed[jnp.maximum(group, 0)]
-    s = jnp.where(ok[None, :], s, -jnp.inf)
-    chunk_s, chunk_i = jax.lax.top_k(s, k)
-    # Earlier chunks first: on equal scores top_k keeps the lower position, i.e. the lower index.
-    all_s = jnp.concatenate([best_s, chunk_s], axis=1)
-    all_i = jnp.concatenate([best_i, chunk_i + offset], axis=1)
-    top_s, pos = jax.lax.top_k(all_s, k)
-    return (top_s, jnp.take_along_axis(all_i, pos, axis=1)), None
-
-  init = (jnp.full((batch, k), -jnp.inf, jnp.float32), jnp.zeros((batch, k), jnp.int32))
-  offsets = jnp.arange(num_chunks, dtype=jnp.int32) * size
-  (scores, index), _ = jax.lax.scan(step, init, (chunks, groups, offsets))
-  return scores, index
+@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(0, 1))
+def _merge_chunk(best_s: jax.Array, best_i: jax.Array, chunk: jax.Array, group: jax.Array,
+                 offset: jax.Array, queries: jax.Array, allowed: jax.Array, k: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """One step of the running top k: best (scores [B, k], indices int32 [B, k]) merged with the
+  top k of chunk [S, d] (groups int32 [S], -1 padding; first row is gallery index `offset`)."""
+  # chunk @ queries.T, not queries @ chunk.T: the same numbers, but XLA:CPU runs the latter as a
+  # slow transposed product at large d (25x slower for one 6144-d query).
+  s = jnp.matmul(chunk, queries.T, precision=jax.lax.Precision.HIGHEST).T   # [B, S]
+  ok = (group >= 0) & allowed[jnp.maximum(group, 0)]
+  s = jnp.where(ok[None, :], s, -jnp.inf)
+  chunk_s, chunk_i = jax.lax.top_k(s, k)
+  # Earlier chunks first: on equal scores top_k keeps the lower position, i.e. the lower index.
+  all_s = jnp.concatenate([best_s, chunk_s], axis=1)
+  all_i = jnp.concatenate([best_i, chunk_i + offset], axis=1)
+  top_s, pos = jax.lax.top_k(all_s, k)
+  return top_s, jnp.take_along_axis(all_i, pos, axis=1)
 
 
 class Gallery:
@@ -88,10 +84,14 @@ class Gallery:
     pad = num_chunks * size - n
     device = jax.devices()[0]
     x = jax.device_put(features, device)
-    x = _normalise_padded(x.astype(jnp.float32), pad)
-    self.chunks = x.reshape(num_chunks, size, d)
     g = np.concatenate([groups, np.full(pad, -1, np.int32)]).reshape(num_chunks, size)
-    self.groups = jax.device_put(g, device)
+    self.chunks, self.groups, self._offsets = [], [], []
+    for c in range(num_chunks):
+      rows = x[c * size:(c + 1) * size].astype(jnp.float32)
+      self.chunks.append(_normalise_padded(rows, size - rows.shape[0]))
+      self.groups.append(jax.device_put(g[c], device))
+      self._offsets.append(jax.device_put(np.int32(c * size), device))
+    del x
     self.size, self.dim, self.chunk_size = n, d, size
     self._group_counts = np.bincount(groups, minlength=self.num_groups)
 
@@ -123,7 +123,11 @@ class Gallery:
     b = queries.shape[0]
     rows = _query_rows(b)
     q = _normalise_padded(queries, rows - b)
-    scores, index = _scan_top_k(self.chunks, self.groups, q, jnp.asarray(allowed), k)
+    allowed = jnp.asarray(allowed)
+    scores = jnp.full((rows, k), -jnp.inf, jnp.float32)
+    index = jnp.zeros((rows, k), jnp.int32)
+    for chunk, group, offset in zip(self.chunks, self.groups, self._offsets):
+      scores, index = _merge_chunk(scores, index, chunk, group, offset, q, allowed, k)
     scores, index = jax.device_get((scores, index))
     return np.asarray(scores[:b]), np.asarray(index[:b], np.int64)
 

@@ -40,7 +40,8 @@ def test_chunked_top_k_equals_a_plain_loop(n, chunk):
   groups = rng.integers(0, 3, n)
   groups[0] = groups[n // 2] = 1
   gallery = exact_search.Gallery(feats, groups, num_groups=3, chunk_size=chunk)
-  assert gallery.chunks.shape[1] == min(chunk, -(-n // 256) * 256) and len(gallery) == n
+  assert gallery.chunk_size == min(chunk, -(-n // 256) * 256) and len(gallery) == n
+  assert len(gallery.chunks) == -(-n // gallery.chunk_size)
   queries = np.concatenate([feats[:1], rng.normal(size=(4, 24))]).astype(np.float32)
   for allowed in (None, [1], [0, 2]):
     scores, index = gallery.search(queries, 30, allowed)
