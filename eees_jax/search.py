@@ -264,7 +264,8 @@ def load_model(index: Index, workdir: str | None = None, step: str | int | None 
   try:
     model = inference.load(workdir, step)
   except inference.WorkdirError as e:
-    raise SearchError(f"cannot load the model for index {index.path}: {e}") from None
+    raise SearchError(f"cannot load the model for index {index.path}: {e} (--workdir / --step "
+                      "load it from elsewhere)") from None
   check_model(index, model)
   return model
 
