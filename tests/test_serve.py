@@ -126,19 +126,25 @@ def _browser():
 
 
 def test_a_browser_searches_by_text_and_by_image(searcher, server, tmp_path):
+  from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
   from selenium.webdriver.common.by import By
+  from selenium.webdriver.support import expected_conditions
   from selenium.webdriver.support.ui import Select, WebDriverWait
   driver = _browser()
   try:
-    wait = WebDriverWait(driver, 20)
+    # While a submitted form loads, elements of the previous page go stale: keep waiting.
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(NoSuchElementException,
+                                                         StaleElementReferenceException))
 
     def shown():
+      """The result cards' paths, once every thumbnail has loaded (False if one never does)."""
       wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result"))
       cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
-      loaded = driver.execute_script(
+      paths = [c.get_attribute("data-path") for c in cards]
+      loaded = WebDriverWait(driver, 10).until(lambda d: d.execute_script(
           "return Array.from(document.querySelectorAll('#results img'))"
-          ".every(i => i.complete && i.naturalWidth > 0)")
-      return [c.get_attribute("data-path") for c in cards], loaded
+          ".every(i => i.complete && i.naturalWidth > 0)"))
+      return paths, loaded
 
     driver.get(server + "/")
     assert f"{len(searcher.index.entries)} images" in driver.find_element(By.TAG_NAME, "header").text
@@ -155,15 +161,19 @@ def test_a_browser_searches_by_text_and_by_image(searcher, server, tmp_path):
     driver.find_element(By.ID, "image-file").send_keys(query)
     Select(driver.find_element(By.ID, "image-modality")).select_by_value("infrared")
     Select(driver.find_element(By.ID, "image-gallery")).select_by_value("visible")
+    before = driver.find_element(By.ID, "results")
     driver.find_element(By.ID, "image-submit").click()
-    wait.until(lambda d: "infrared image" in d.find_element(By.ID, "query").text)
+    wait.until(expected_conditions.staleness_of(before))  # the new page, not the last one
+    assert "infrared image → visible images" in driver.find_element(By.ID, "query").text
     paths, loaded = shown()
     want = searcher.by_image(read_image(query), "infrared", 6, "visible")
     assert paths == [h.entry.path for h in want] and loaded
     driver.save_screenshot(str(tmp_path / "image_query.png"))
     # Clicking a result searches with it.
+    before = driver.find_element(By.ID, "results")
     driver.find_elements(By.CSS_SELECTOR, "#results .result")[0].click()
-    wait.until(lambda d: "indexed image" in d.find_element(By.ID, "query").text)
+    wait.until(expected_conditions.staleness_of(before))
+    assert "indexed image" in driver.find_element(By.ID, "query").text
     paths, loaded = shown()
     assert paths == [h.entry.path for h in searcher.by_entry(want[0].index, 6, "visible")]
     driver.save_screenshot(str(tmp_path / "clicked.png"))
