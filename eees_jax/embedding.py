@@ -111,3 +111,19 @@ def embed_tokens(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, t
   if not out:
     return np.zeros((0, 0), np.float32)
   return np.concatenate(out).astype(np.float32)
+
+
+def fuse_joint(image_joint: np.ndarray, text: np.ndarray, text_weight: float = 0.5) -> np.ndarray:
+  """Query of an image and a sentence together, in CLIP's joint space: float32 [n, D].
+
+  l2((1 - w) l2(a) + w l2(b)) for image features a = l2(v) [n, D] and text features b [n, D] (or
+  [1, D], broadcast), w = text_weight in [0, 1]. w = 0.5 is the normalised sum l2(l2(a) + l2(b)):
+  cosine with it ranks a gallery by the sum of the cosines with the image and with the sentence.
+  w = 0 is the image alone, w = 1 the sentence alone.
+  """
+  if not 0.0 <= text_weight <= 1.0:
+    raise ValueError(f"text_weight must be in [0, 1], got {text_weight}")
+  def unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
+  return unit((1.0 - text_weight) * unit(image_joint) + text_weight * unit(text)).astype(np.float32)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -39,9 +39,11 @@ class Embedder:
   """Image and text embeddings of one trained checkpoint. Build it with `load`.
 
   Attributes: workdir, step, config (the experiment config of the run), spec (experiment.ModelSpec),
+  tokenizer (models.tokenizer.Tokenizer) and tokenizer_spec ('clip' or its files in the workdir),
   height / width (input size), flip, feature_dim (test-time feature), joint_dim (CLIP joint space:
-  embed_joint and embed_text), batch_size, model_id (identifies parameters, step and feature
-  layout: an index built by another model has another id).
+  embed_joint and embed_text), modalities (the names of the modalities it has stems for),
+  batch_size, model_id (identifies parameters, step and feature layout: an index built by another
+  model has another id).
   """
 
   def __init__(self, *, workdir: str, step: int, config: ml_collections.ConfigDict,
@@ -51,8 +53,11 @@ class Embedder:
     self.spec = experiment.ModelSpec.from_json(record["spec"])
     self.height, self.width, self.flip = record["height"], record["width"], record["flip"]
     self.batch_size = batch_size
+    stems = int(self.spec.vision.get("num_modalities", len(MODALITY_NAMES)))
+    self.modalities = tuple(MODALITY_NAMES[m] for m in sorted(MODALITY_NAMES) if m < stems)
     self._model, self._variables, self._text_params = model, variables, text_params
     self._tokenizer, self._mesh = tokenizer, mesh
+    self.tokenizer, self.tokenizer_spec = tokenizer, checkpoints.tokenizer_spec(workdir, record)
     self._test_fn = embedding.test_feature_fn(model.eees, self.flip)
     self._joint_fn = embedding.joint_feature_fn(model.eees)
     self._text_fn = jax.jit(
@@ -84,6 +89,12 @@ class Embedder:
     """
     return self._run(self._test_fn, images, modality, self.feature_dim)
 
+  def joint_of(self, features: np.ndarray) -> np.ndarray:
+    """The l2(v) block [N, joint_dim] of test-time features [N, feature_dim] (the unmirrored
+    image's v): what embed_joint gives for the same images, without a second forward pass."""
+    per_view = self.feature_dim // 2 if self.flip else self.feature_dim
+    return features[:, per_view - self.joint_dim:per_view]
+
   def embed_joint(self, images: Sequence[str | os.PathLike] | np.ndarray | Sequence[np.ndarray],
                   modality: str | int | Sequence[str | int]) -> np.ndarray:
     """l2(v) float32 [N, joint_dim]: the image in CLIP's joint space, comparable with embed_text."""
@@ -99,6 +110,17 @@ class Embedder:
     return embedding.embed_tokens(self._text_fn, self._text_params, tokens, self.batch_size,
                                   desc="embedding text")
 
+  def image_function(self) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any]:
+    """(fn, variables): fn(variables, images uint8 [B, height, width, 3], modality int32 [B]) ->
+    test-time features [B, feature_dim], CLIP normalisation inside: what embed_images runs on each
+    batch (for eees_jax.export)."""
+    return self._test_fn, self._variables
+
+  def text_function(self) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """(fn, params): fn(params, tokens int32 [B, context_length]) -> unit text features
+    [B, joint_dim]: what embed_text runs (tokens from `tokenizer.tokenize`)."""
+    return self._text_fn, self._text_params
+
   # --- internals ---------------------------------------------------------------------------------
 
   def _run(self, fn, images, modality, dim: int) -> np.ndarray:
@@ -106,6 +128,10 @@ class Embedder:
     if n == 0:
       return np.zeros((0, dim), np.float32)
     modality = _modalities(modality, n)
+    lacking = sorted({MODALITY_NAMES[int(m)] for m in modality} - set(self.modalities))
+    if lacking:
+      raise ValueError(f"this model has stems for {' and '.join(self.modalities)} images only; it "
+                       f"cannot embed {' or '.join(lacking)} images")
     # TensorFlow decodes and resizes, as in evaluation; imported only when images are embedded.
     from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
     size = dict(height=self.height, width=self.width, batch_size=self.batch_size)

@@ -107,3 +107,16 @@ def test_inference_reads_no_training_data():
                "data_pipelines.sysu_mm01", "data_pipelines.regdb", "data_pipelines.llcm"}
   assert not deps & forbidden, f"inference imports {sorted(deps & forbidden)}"
   assert {"eees_jax.experiment", "eees_jax.checkpoints", "eees_jax.embedding"} <= deps
+
+
+def test_search_serve_and_export_use_no_training_code():
+  """They reach the model through inference (imported where a model is loaded), never training."""
+  training = {"eees_jax.train", "eees_jax.experiment", "eees_jax.text_features", "eees_jax.optim",
+              "data_pipelines.sampler", "data_pipelines.datasets", "data_pipelines.descriptions",
+              "data_pipelines.synthetic"}
+  for module in ("eees_jax.search", "eees_jax.serve", "eees_jax.export",
+                 "eees_jax.evaluation.text_retrieval"):
+    deps = _closure([module], top_level_only=True)
+    assert not deps & training, f"{module} imports {sorted(deps & training)}"
+  # The search kernel runs on a bare accelerator machine (bench/search_latency.py): jax and numpy.
+  assert _closure(["eees_jax.exact_search"], top_level_only=False) <= {"eees_jax"}
