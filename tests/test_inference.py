@@ -48,8 +48,8 @@ def trained(tmp_path_factory):
   # The evaluation extractor of the run's final evaluation, kept for the comparisons below.
   captured = []
 
-  def spy(exp, state):
-    captured.append((exp, state, make_extract(exp, state)))
+  def spy(exp, state, **kwargs):
+    captured.append((exp, state, make_extract(exp, state, **kwargs)))
     return captured[-1][2]
 
   make_extract = train.make_extract
@@ -157,9 +157,9 @@ def test_step_selection_latest_best_and_number(trained, loaded, tmp_path):
   paths = [os.path.join(t["moved"], r.path) for r in t["records"]]
   modality = [r.modality for r in t["records"]]
   s10 = states[10]
-  extract = embedding.record_extractor(
+  extract = embedding.RecordExtractor(
       t["model"], {"params": s10.params["model"], "batch_stats": s10.batch_stats}, t["mesh"],
-      root=t["moved"], height=32, width=16, batch_size=16, flip=True)
+      images=t["moved"], height=32, width=16, batch_size=16, flip=True)
   np.testing.assert_allclose(best.embed_images(paths, modality), extract(t["records"]),
                              **ROUNDING)
   assert np.abs(latest.embed_images(paths, modality) - extract(t["records"])).max() > 1e-3

@@ -19,7 +19,8 @@ from eees_jax import checkpoints, experiment, sharding, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-TINY_SET = dict(num_ids=16, images_per_camera=2, height=32, width=16, seed=3, val_fraction=0.2)
+TINY_SET = dict(num_ids=16, num_test=5, images_per_camera=2, height=32, width=16, seed=3,
+                val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,9 @@ def tiny_config(root, **train_kw):
   c = synthetic_config.get_config()
   c.dataset.root = root
   c.dataset.generate.update(TINY_SET)
+  c.pretrain.enabled = False          # no CLIP pretraining: the tiny towers start from scratch
+  c.model.init.checkpoint = ""
+  c.text.trainable = True
   c.input.update(height=32, width=16, P=4, K=2, eval_batch_size=16)
   c.input.aug.pad = 2
   c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
@@ -168,6 +172,7 @@ def test_main_end_to_end_writes_checkpoint_and_report(tiny_root, tmp_path):
       "model.vision.output_dim": 32, "model.vision.heads": 2, "model.text.width": 32,
       "model.text.heads": 2, "model.text.layers": 1, "model.text.embed_dim": 32,
       "train.max_steps": 2, "eval.trials": 1, "eval.ranked_list_queries": 2,
+      "pretrain.enabled": False, "model.init.checkpoint": "", "text.trainable": True,
   }
   cmd = [sys.executable, "-m", "eees_jax.main", "--config=configs/synthetic.py", f"--workdir={workdir}"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
