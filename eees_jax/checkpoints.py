@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import flax
@@ -261,6 +262,24 @@ def check_latest_config(mngr: ocp.CheckpointManager, config: ml_collections.Conf
   check_resume_config(meta.get("config"), config, workdir, step)
 
 
+def _drop_abandoned_reads() -> None:
+  """After a failed restore, reads that orbax had in flight still complete and call back into the
+  asyncio loop it has closed; Python prints each as an unraisable "Event loop is closed" error.
+  They carry no information (the failure was reported), so the hook drops exactly those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_eees_drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._eees_drops_abandoned_reads = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def _reason(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:300] if text else ''}"
@@ -311,6 +330,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState, workdir: str,
         error = e
     if not sharding.any_process(error is not None):
       return restored["state"], meta
+    _drop_abandoned_reads()
     reason = _reason(error) if error is not None else "unreadable on another process"
     moved = _move_aside(mngr, workdir, step)
     message = (f"checkpoint step {step} in {_orbax_dir(workdir)} does not restore ({reason}); "
