@@ -248,18 +248,23 @@ def restore(mngr: ocp.CheckpointManager, state: TrainState,
   return restored["state"], dict(restored["meta"] or {})
 
 
-def check_latest_config(mngr: ocp.CheckpointManager, config: ml_collections.ConfigDict,
-                        workdir: str) -> None:
-  """check_resume_config against the latest checkpoint, before any expensive start-up work (an
-  unreadable meta is left to `restore_latest`)."""
-  step = mngr.latest_step()
-  if step is None:
+def check_latest_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """check_resume_config against the workdir's latest checkpoint, if any, before any expensive
+  start-up work and without creating anything (an unreadable meta is left to `restore_latest`)."""
+  if not _orbax_dir(workdir).is_dir():
     return
+  mngr = _read_only_manager(_orbax_dir(workdir))
   try:
-    meta = read_meta(mngr, step)
-  except Exception:  # pylint: disable=broad-except  (restore_latest reports it)
-    return
-  check_resume_config(meta.get("config"), config, workdir, step)
+    step = mngr.latest_step()
+    if step is None:
+      return
+    try:
+      meta = read_meta(mngr, step)
+    except Exception:  # pylint: disable=broad-except  (restore_latest reports it)
+      return
+    check_resume_config(meta.get("config"), config, workdir, step)
+  finally:
+    mngr.close()
 
 
 def _drop_abandoned_reads() -> None:
@@ -429,6 +434,16 @@ def _drop_read_only_notice(record: logging.LogRecord) -> bool:
   return "is read only" not in record.getMessage()
 
 
+def _read_only_manager(folder: epath.Path) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_drop_read_only_notice)  # orbax warns that it was asked to only read
+  try:
+    return ocp.CheckpointManager(folder, options=options, item_names=("state", "meta"))
+  finally:
+    absl_logger.removeFilter(_drop_read_only_notice)
+
+
 def open_read_only(workdir: str) -> ocp.CheckpointManager:
   """A manager that only reads <workdir>/checkpoints; WorkdirError when it holds no checkpoint."""
   folder = _orbax_dir(workdir)
@@ -437,13 +452,7 @@ def open_read_only(workdir: str) -> ocp.CheckpointManager:
     raise WorkdirError(f"workdir {workdir} does not exist; {hint}")
   if not folder.is_dir():
     raise WorkdirError(f"workdir {workdir} holds no checkpoints (no {folder}); {hint}")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  absl_logger = logging.getLogger("absl")
-  absl_logger.addFilter(_drop_read_only_notice)  # orbax warns that it was asked to only read
-  try:
-    mngr = ocp.CheckpointManager(folder, options=options, item_names=("state", "meta"))
-  finally:
-    absl_logger.removeFilter(_drop_read_only_notice)
+  mngr = _read_only_manager(folder)
   if not mngr.all_steps():
     mngr.close()
     raise WorkdirError(f"workdir {workdir} holds no finished checkpoint in {folder}; {hint}")

@@ -40,7 +40,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every problem (an unknown config key, a missing config file, a
   value of the wrong type) reported as one message and exit code 2."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    error = getattr(flags.FLAGS["config"].value, "_error", None)  # a config file that did not load
+    if error is None:
+      return rest
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = f"--config={path} does not load: {lines[-1] if lines else error}"
   except flags.Error as e:
     message = str(e)
   except (KeyError, AttributeError, OSError, ValueError, TypeError) as e:

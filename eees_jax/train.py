@@ -219,19 +219,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.initialize_distributed()
   workdir = os.fspath(workdir)
   with _Preemption() as preemption:
-    mngr = checkpoints.manager(workdir, config)
+    checkpoints.check_latest_config(workdir, config)  # before any expensive start-up work
+    exp, pretrained = build_experiment(config, workdir)
+    test_records = check_evaluation_inputs(config)
+    mngr = checkpoints.manager(workdir, config)  # creates the checkpoint folder
     try:
-      return _train_and_evaluate(config, workdir, mngr, preemption)
+      return _train_and_evaluate(config, workdir, mngr, preemption, exp, pretrained, test_records)
     finally:
       mngr.wait_until_finished()
       mngr.close()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mngr,
-                        preemption: _Preemption) -> dict:
-  checkpoints.check_latest_config(mngr, config, workdir)  # before any expensive start-up work
-  exp, pretrained = build_experiment(config, workdir)
-  test_records = check_evaluation_inputs(config)
+                        preemption: _Preemption, exp: Experiment, pretrained,
+                        test_records: list[ImageRecord]) -> dict:
   mesh = exp.mesh
   rep = sharding.replicated(mesh)
   # What rebuilds the model from the workdir alone (inference.load): in every checkpoint's meta.
@@ -284,6 +285,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mngr,
   def save(step: int, metrics: dict | None = None) -> None:
     meta.update(step=step, epoch=epoch_of(step))
     checkpoints.save(mngr, state, meta, metrics if keeps_best else None)
+    if writer:
+      writer.flush()  # the logged scalars are as durable as the checkpoint
 
   def scalars(prefix: str, values: dict, step: int) -> None:
     if writer:

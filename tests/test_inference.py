@@ -1,4 +1,5 @@
 """inference.load(workdir): the evaluation's features from the workdir alone; steps; errors."""
+import json
 import os
 import shutil
 
@@ -139,8 +140,12 @@ def test_step_selection_latest_best_and_number(trained, loaded, tmp_path):
   t = trained
   workdir = str(tmp_path / "steps")
   shutil.copytree(t["workdir"], workdir)
-  mngr = checkpoints.manager(workdir, t["config"])
+  # A run with a validation split (only those keep a best checkpoint, chosen on val metrics).
+  held = t["config"].copy_and_resolve_references()
+  held.dataset.holdout = True
+  mngr = checkpoints.manager(workdir, held)
   _, meta = checkpoints.restore(mngr, t["state"])
+  meta = dict(meta, config=json.loads(held.to_json_best_effort()))
   states = {}
   for step, scale, metrics in [(10, 1.5, {"mAP": 99.0}), (11, 0.5, {"mAP": 1.0}), (12, 2.0, None)]:
     states[step] = t["state"].replace(
@@ -183,7 +188,7 @@ def test_clear_errors(trained, loaded, tmp_path):
   mngr.close()
   with pytest.raises(inference.WorkdirError, match="written before checkpoints recorded the model"):
     inference.load(old)
-  with pytest.raises(inference.WorkdirError, match="has evaluation metrics"):
+  with pytest.raises(inference.WorkdirError, match="without a validation split"):
     inference.load(old, "best")
   # A damaged frozen text tower file is refused.
   copy = str(tmp_path / "copy")
