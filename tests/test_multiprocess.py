@@ -15,11 +15,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from data_pipelines import synthetic
 from eees_jax import train
-from test_preemption import _command, _overrides, committed
+from test_preemption import _command, _overrides, committed, saved_params
 from test_train import REPO, TINY_SET, tiny_config
 
 TOTAL = 6
@@ -43,9 +42,7 @@ class Pair:
     for i in range(2):
       env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(i), JAX_COMPILATION_CACHE_DIR=str(base / f"jax_cache{i}"),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                 JAX_PROCESS_ID=str(i))  # and the session's compilation cache (conftest.py)
       err = base / f"{name}.{i}.err"
       self.errs.append(err)
       with open(base / f"{name}.{i}.out", "w") as out, open(err, "w") as e:
@@ -85,18 +82,6 @@ def _losses(workdir: str) -> dict[int, float]:
         if v.tag == "train/loss/total":
           out[event.step] = v.simple_value
   return out
-
-
-def _params(workdir: str):
-  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               item_names=("state",),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    state = mngr.restore(mngr.latest_step(),
-                         args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    mngr.close()
-  return jax.tree.map(np.asarray, state["state"]["params"])
 
 
 def test_two_processes_train_like_one_stop_together_and_resume(tmp_path):
@@ -140,6 +125,12 @@ def test_two_processes_train_like_one_stop_together_and_resume(tmp_path):
   assert sorted(want) == sorted(got) == list(range(1, TOTAL + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              **ROUNDING)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(_params(one)),
-                          jax.tree.leaves(_params(workdir))):
-    np.testing.assert_allclose(b, a, **ROUNDING, err_msg=jax.tree_util.keystr(path))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(saved_params(one)),
+                          jax.tree.leaves(saved_params(workdir))):
+    name = jax.tree_util.keystr(path)
+    if "k_proj" in name and "bias" in name:
+      # Attention is invariant to the key bias, so its gradient is rounding noise, which Adam
+      # scales to about +-lr per step on either set-up: only the size of the moves compares.
+      assert np.abs(b - a).max() <= 2.5 * TOTAL * config.optim.lr, name
+      continue
+    np.testing.assert_allclose(b, a, **ROUNDING, err_msg=name)

@@ -54,11 +54,8 @@ def setting(tmp_path_factory):
   base = tmp_path_factory.mktemp("preemption")
   root = str(base / "synthetic")
   synthetic.generate(root, **TINY_SET)
-  # One device, and one compilation cache for every launch: the same programs run each time.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # One device; every launch shares the session's compilation cache (tests/conftest.py).
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return dict(base=base, root=root, env=env, overrides=_overrides(root))
 
 
@@ -105,16 +102,22 @@ def writing(workdir: str) -> bool:
   return any(".orbax-checkpoint-tmp" in n for n in _listing(workdir))
 
 
+def saved_params(workdir: str, step: int | None = None):
+  """The parameters of checkpoint `step` (default: the latest) as numpy arrays, whatever devices
+  and processes wrote them (restored onto one local device)."""
+  step = committed(workdir)[-1] if step is None else step
+  folder = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(folder).item_metadata
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    state = ckptr.restore(folder, target)
+  return jax.tree.map(np.asarray, state["params"])
+
+
 def final_params(workdir: str) -> dict:
-  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               item_names=("state",),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    assert mngr.latest_step() == TOTAL_STEPS
-    state = mngr.restore(TOTAL_STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    mngr.close()
-  return jax.tree.map(np.asarray, state["state"]["params"])
+  assert committed(workdir)[-1] == TOTAL_STEPS
+  return saved_params(workdir, TOTAL_STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,10 @@ def gcs(monkeypatch):
     monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
     monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "test")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
-    monkeypatch.setenv("EPATH_USE_TF", "false")  # epath -> fsspec -> the fake; TF cannot be pointed
+    # epath -> fsspec -> the fake (TensorFlow's GCS client cannot be pointed elsewhere). epath
+    # remembers its first answer to "use TensorFlow?" (EPATH_USE_TF), so it is asked anew here.
+    from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
     fake_gcs.register()
     yield store
 
