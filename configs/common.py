@@ -76,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict(dict(
       height=288, width=144, P=8, K=4,
       cache_decoded=False, threads=0,   # 0: tf.data AUTOTUNE
-      eval_batch_size=64,
+      # Images per jitted test-time feature call (global; a multiple of the device count). The
+      # evaluation's peak memory grows with it: RN50 at 288x144 on CPU peaks at 8.0 GiB with 64,
+      # 2.9 GiB with 16, under training's 3.5 GiB (BENCHMARKS.md, bench/memory.py).
+      eval_batch_size=16,
       aug=dict(pad=10, flip=0.5, erasing_prob=0.5, erasing_area=(0.02, 0.4),
                erasing_aspect=(0.3, 3.3), gray_prob=0.5, channel_exchange=True),
   ))

@@ -73,8 +73,9 @@ class Dataset(abc.ABC):
 
   @abc.abstractmethod
   def evaluate(self, extract: Extract, config: Any, records: list[ImageRecord],
-               rerank: dict | None) -> dict:
-    """The protocol's results (eees_jax.evaluation.protocols) on the given test records."""
+               rerank: dict | None, progress: bool = False) -> dict:
+    """The protocol's results (eees_jax.evaluation.protocols) on the given test records
+    (progress: a bar over the scored trials)."""
 
   @abc.abstractmethod
   def ranked_list_sets(self, config: Any, records: list[ImageRecord]
@@ -111,12 +112,12 @@ class SysuMm01(Dataset):
     return [protocols.sysu_setting_name(m, int(s)) for m in config.eval.modes
             for s in config.eval.shots]
 
-  def evaluate(self, extract, config, records, rerank):
+  def evaluate(self, extract, config, records, rerank, progress=False):
     from eees_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
     return protocols.evaluate_sysu(
         extract, config.dataset.root, modes=tuple(config.eval.modes), shots=tuple(config.eval.shots),
         trials=config.eval.trials, gallery_source=config.eval.gallery_source, rerank=rerank,
-        split=eval_split(config.dataset), records=records)
+        split=eval_split(config.dataset), records=records, progress=progress)
 
   def ranked_list_sets(self, config, records):
     mode = config.eval.modes[0] if config.eval.modes else "all"
@@ -171,12 +172,12 @@ class RegDB(Dataset):
     from eees_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
     return [protocols.direction_setting_name(d) for d in protocols.REGDB_DIRECTIONS]
 
-  def evaluate(self, extract, config, records, rerank):
+  def evaluate(self, extract, config, records, rerank, progress=False):
     from eees_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
     split = int(config.dataset.split)
     sets = {split: _by_modality(records)}
     return protocols.evaluate_regdb(lambda s: extract, config.dataset.root, splits=(split,),
-                                    rerank=rerank, test_sets=sets.__getitem__)
+                                    rerank=rerank, test_sets=sets.__getitem__, progress=progress)
 
   def ranked_list_sets(self, config, records):
     visible, thermal = _by_modality(records)
@@ -206,10 +207,11 @@ class LLCM(Dataset):
     from eees_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
     return [protocols.direction_setting_name(d) for d in protocols.LLCM_DIRECTIONS]
 
-  def evaluate(self, extract, config, records, rerank):
+  def evaluate(self, extract, config, records, rerank, progress=False):
     from eees_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
     return protocols.evaluate_llcm(extract, config.dataset.root, trials=config.eval.trials,
-                                   layout=config.eval.llcm_layout, rerank=rerank, records=records)
+                                   layout=config.eval.llcm_layout, rerank=rerank, records=records,
+                                   progress=progress)
 
   def ranked_list_sets(self, config, records):
     direction = llcm.DIRECTIONS[0]
@@ -337,14 +339,18 @@ def rerank_options(config: Any) -> dict | None:
   return {"k1": int(rr.k1), "k2": int(rr.k2), "lambda_value": float(rr.lambda_value)}
 
 
-def evaluate(extract: Extract, config: Any) -> dict:
+def evaluate(extract: Extract, config: Any, progress: bool = False,
+             records: list[ImageRecord] | None = None) -> dict:
   """Runs the data set's test protocol with every config.eval option it honours.
 
   extract(records) -> float32 [n, d] features; returns the protocols results dict. A holdout run
-  scores the val ids (SYSU layout); config.dataset.source picks folder or TFDS test records.
+  scores the val ids (SYSU layout); config.dataset.source picks folder or TFDS test records
+  (`records`: those of test_records(config), when the caller has them). progress: a bar over the
+  scored trials.
   """
   spec = get(config.dataset.name)
-  return spec.evaluate(extract, config, test_records(config), rerank_options(config))
+  records = test_records(config) if records is None else records
+  return spec.evaluate(extract, config, records, rerank_options(config), progress)
 
 
 def settings(config: Any) -> list[str]:
@@ -365,16 +371,19 @@ def report_title(config: Any) -> str:
   return f"EEES on {spec.title}{held}"
 
 
-def ranked_list(extract: Extract, config: Any, path: str | None) -> None:
+def ranked_list(extract: Extract, config: Any, path: str | None,
+                records: list[ImageRecord] | None = None) -> None:
   """The ranked-list sheet of the headline setting's first trial, into `path`.
 
   Features are extracted on every call (in a multi-host run every process must call it, as the
   extraction is a collective); only a call with a `path` draws (pass None on the other processes).
+  records: test_records(config), when the caller has them.
   """
   from eees_jax.evaluation import metrics, report  # pylint: disable=g-import-not-at-top
   spec = get(config.dataset.name)
   n = int(config.eval.ranked_list_queries)
-  query, gallery = spec.ranked_list_sets(config, test_records(config))
+  records = test_records(config) if records is None else records
+  query, gallery = spec.ranked_list_sets(config, records)
   dist = metrics.cosine_distance(extract(query), extract(gallery))
   if path is None:
     return

@@ -21,15 +21,22 @@ RegDB) trains or reuses one run per split and reports each row and seed as the m
 splits (also written as <workdir>/<row>/seed<s>/report/results.md, with every split's numbers).
 The table (mean, standard deviation and range over seeds, for the data set's settings as
 data_pipelines.registry names them) goes to <workdir>/ablation.md/.json.
+
+Preemption: a run that exits with eees_jax.train.PREEMPTED_EXIT_CODE (it saved after a SIGTERM) is
+resumed by launching the same command again. A SIGTERM to the ablation itself is passed on to the
+running runs (each saves); the ablation then exits with the same code, and rerunning the same
+ablation command resumes every unfinished run.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent import futures
 from typing import Any, Sequence
@@ -41,6 +48,7 @@ from configs.common import ABLATION_ROWS
 from data_pipelines import registry
 from eees_jax import config_validation
 from eees_jax.evaluation import protocols, report
+from eees_jax.train import PREEMPTED_EXIT_CODE
 
 _CONFIG = flags.DEFINE_string("config", "configs/synthetic.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "One sub-folder per row and seed (and split).")
@@ -54,8 +62,6 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (one accelerator
 
 METRICS = ("rank1", "mAP")
 RECORD = "ablation_run.json"
-# Config keys that change speed or logging, not results: a run may be reused across them.
-RESULT_NEUTRAL = ("input.threads", "input.cache_decoded", "train.log_every_steps")
 
 
 class StaleRunError(RuntimeError):
@@ -64,6 +70,24 @@ class StaleRunError(RuntimeError):
 
 class RunFailedError(RuntimeError):
   """A run exited with an error or without its report."""
+
+
+class AblationPreempted(RuntimeError):
+  """The ablation was asked to stop (SIGTERM); its runs saved, the same command resumes them."""
+
+
+# Resuming a run that keeps exiting as preempted (someone else sending SIGTERMs) gives up after this.
+MAX_RESUMES = 20
+_STOP = threading.Event()     # set by the ablation's own SIGTERM handler
+_RUNNING: set = set()         # the launched run processes, to pass a SIGTERM on
+_RUNNING_LOCK = threading.Lock()
+
+
+def _on_sigterm(signum, frame) -> None:
+  _STOP.set()
+  with _RUNNING_LOCK:
+    for proc in _RUNNING:
+      proc.send_signal(signal.SIGTERM)
 
 
 def _main_command(config_path: str, workdir: str, args: Sequence[str]) -> list[str]:
@@ -164,26 +188,14 @@ def plan(config_path: str, root: str, rows: Sequence[str], seeds: Sequence[int],
   return runs
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
 def config_differences(recorded: dict, wanted: dict) -> list[str]:
-  """'key: recorded -> wanted' for every differing key that can change results."""
-  a, b = _flat(recorded), _flat(wanted)
-  keys = sorted((set(a) | set(b)) - set(RESULT_NEUTRAL))
-  missing = "(absent)"
-  return [f"{k}: {a.get(k, missing)!r} there, {b.get(k, missing)!r} now"
-          for k in keys if a.get(k, missing) != b.get(k, missing)]
+  """'key: recorded -> wanted' for every differing key that can change results
+  (config_validation.RESULT_NEUTRAL may differ)."""
+  return config_validation.differences(recorded, wanted, config_validation.RESULT_NEUTRAL)
 
 
 def check_reusable(run: Run) -> None:
@@ -216,21 +228,40 @@ def _record(run: Run) -> None:
 
 def _launch(cmd: list[str], log, env: dict) -> int:
   """Runs one `eees_jax.main` process to its end; its exit code."""
-  return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+  with _RUNNING_LOCK:
+    _RUNNING.add(proc)
+  try:
+    return proc.wait()
+  finally:
+    with _RUNNING_LOCK:
+      _RUNNING.discard(proc)
 
 
 def _run_one(cmd: list[str], workdir: str, env: dict) -> dict:
+  """Runs (resuming it after a preemption) or reuses one run; its results."""
   report_path = os.path.join(workdir, "report", "results.json")
-  if not os.path.isfile(report_path):
+  log_path = os.path.join(workdir, "run.log")
+  resumes = 0
+  while not os.path.isfile(report_path):
+    if _STOP.is_set():
+      raise AblationPreempted("SIGTERM: stopped before " + workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "run.log"), "a") as log:
+    with open(log_path, "a") as log:
       code = _launch(cmd, log, env)
+    if code == PREEMPTED_EXIT_CODE:  # it saved after a SIGTERM: the same command resumes it
+      if _STOP.is_set():
+        raise AblationPreempted(f"SIGTERM: {workdir} saved its progress")
+      resumes += 1
+      if resumes > MAX_RESUMES:
+        raise RunFailedError(f"run preempted {resumes} times in a row; see {log_path}: "
+                             + " ".join(cmd))
+      continue
     if code != 0:
-      raise RunFailedError(f"run failed (exit {code}); see {os.path.join(workdir, 'run.log')}: "
-                         + " ".join(cmd))
-    if not os.path.isfile(report_path):  # A preempted run (SIGTERM) saves a checkpoint and exits.
-      raise RunFailedError(f"run stopped before its report ({report_path}); run the same ablation "
-                         "command again to resume it from its checkpoint")
+      raise RunFailedError(f"run failed (exit {code}); see {log_path}: " + " ".join(cmd))
+    if not os.path.isfile(report_path):
+      raise RunFailedError(f"run exited without its report ({report_path}); see {log_path}. The "
+                           "same ablation command resumes it from its checkpoint")
   with open(report_path) as f:
     return json.load(f)
 
@@ -338,9 +369,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     run_table(_CONFIG.value, _WORKDIR.value, _ROWS.value, [int(s) for s in _SEEDS.value],
               _SET.value, _HOLDOUT.value, parse_splits(_SPLITS.value), _PARALLEL.value)
+  except AblationPreempted as e:
+    print(f"{e}; rerun the same ablation command to resume (exit code {PREEMPTED_EXIT_CODE})",
+          file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
   except (StaleRunError, RunFailedError) as e:
     raise SystemExit(f"error: {e}") from None
 

@@ -24,6 +24,17 @@ LOSS_TERMS = ("id", "wrt", "ese", "cvsc", "cmsp", "dc")
 PROTOCOL_EVAL_OPTIONS = ("modes", "shots", "gallery_source", "llcm_layout")
 _MISSING = object()
 
+# Keys that change speed or logging, never a number: a finished run may be reused across them
+# (eees_jax.ablation) and a run may be resumed with them changed.
+RESULT_NEUTRAL = ("input.threads", "input.cache_decoded", "train.log_every_steps")
+# What a resumed run may also change: none of it changes the steps already taken. Where the run
+# stops (epochs, max_steps), how often it saves or evaluates, what and how the evaluation reports,
+# and how the state is placed on the devices (FSDP or not; the device count changes float rounding
+# only). A key ending in "." covers its whole section.
+RESUME_NEUTRAL = RESULT_NEUTRAL + (
+    "train.epochs", "train.max_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
+    "train.eval_every_epochs", "input.eval_batch_size", "eval.", "mesh.")
+
 
 class ConfigError(ValueError):
   """Invalid config values; the message lists each as `key = value: what is allowed`."""
@@ -113,6 +124,26 @@ class _Checker:
   def string(self, key: str, nonempty: bool = False) -> Any:
     return self.check(key, lambda v: isinstance(v, str) and (bool(v) or not nonempty),
                       "a non-empty string" if nonempty else "a string")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def differences(recorded: dict, wanted: dict, neutral: Sequence[str] = RESULT_NEUTRAL) -> list[str]:
+  """'key: <recorded> there, <wanted> now' for every differing key of two configs (as JSON dicts)
+  outside `neutral` (exact keys, or sections given as "name.")."""
+  a, b = _flat(recorded), _flat(wanted)
+  keys = sorted(k for k in set(a) | set(b)
+                if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in neutral))
+  missing = "(absent)"
+  return [f"{k}: {a.get(k, missing)!r} there, {b.get(k, missing)!r} now"
+          for k in keys if a.get(k, missing) != b.get(k, missing)]
 
 
 def _tuple_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:

@@ -7,6 +7,7 @@ Nothing here reads training data or imports training code.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -64,36 +65,62 @@ def run_batches(fn: ImageFn, variables: Any, batches: Iterable[Mapping[str, np.n
     yield feats[np.asarray(batch["mask"])]
 
 
-def record_extractor(model: eees_lib.EEES, variables: Any, mesh: jax.sharding.Mesh, *,
-                     root: str, height: int, width: int, batch_size: int, flip: bool,
-                     threads: int | None = None) -> Callable[..., np.ndarray]:
-  """extract(records, root=None) -> test-time features [n, D] (numpy), for the evaluation protocols.
+class RecordExtractor:
+  """extract(records, images=None) -> test-time features [n, D] (numpy), for the evaluation protocols.
 
   Images are read as the evaluation pipeline reads them (data_pipelines.input_pipeline.eval_dataset:
-  decode, resize to height x width). Features are cached by path, so protocols and the ranked list
-  share passes. The variables keep their shardings (with FSDP, jit all-gathers the split ones).
+  decode, resize to height x width) from `images` (a data set folder, or an image source such as
+  data_pipelines.registry.eval_images gives); a call may name another source. Features are cached
+  by path, so protocols and the ranked list share passes; each batch's features go to the host as
+  they come, and nothing holds more than one batch of images. The variables keep their shardings
+  (with FSDP, jit all-gathers the split ones).
+
+  progress: a tqdm bar per call. before_batch: called before every batch (e.g. to stop on a
+  preemption; on a multi-host mesh it must do the same on every process). `seconds` and `images`
+  count the extraction time and images so far.
   """
-  embed = test_feature_fn(model, flip)
-  cache: dict[str, np.ndarray] = {}
 
-  default_root = root
+  def __init__(self, model: eees_lib.EEES, variables: Any, mesh: jax.sharding.Mesh, *,
+               images: Any, height: int, width: int, batch_size: int, flip: bool,
+               threads: int | None = None, progress: bool = False,
+               before_batch: Callable[[], None] | None = None):
+    self._embed = test_feature_fn(model, flip)
+    self._variables, self._mesh, self._images = variables, mesh, images
+    self._size = dict(height=height, width=width, batch_size=batch_size, threads=threads)
+    self._progress, self._before_batch = progress, before_batch
+    self._cache: dict[str, np.ndarray] = {}
+    self.seconds, self.images = 0.0, 0
 
-  def extract(records: Sequence[ImageRecord], root: str | None = None) -> np.ndarray:
+  def __call__(self, records: Sequence[ImageRecord], images: Any = None) -> np.ndarray:
     records = list(records)
-    todo = [r for r in dict.fromkeys(records) if r.path not in cache]
+    todo = [r for r in dict.fromkeys(records) if r.path not in self._cache]
     if todo:
       # TensorFlow is imported only when images are read (module doc of eees_jax.train).
       from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
-      batches = input_pipeline.eval_dataset(root or default_root, todo, height=height,
-                                            width=width, batch_size=batch_size, threads=threads)
+      start = time.perf_counter()
+      batches = input_pipeline.eval_dataset(self._images if images is None else images, todo,
+                                            **self._size)
+      if self._before_batch is not None:
+        batches = _calling_before(batches, self._before_batch)
       done = 0
-      for feats in run_batches(embed, variables, batches, mesh):
-        for r, f in zip(todo[done:done + len(feats)], feats):
-          cache[r.path] = f
-        done += len(feats)
-    return np.stack([cache[r.path] for r in records]) if records else np.zeros((0, 0), np.float32)
+      with tqdm(total=len(todo), desc="evaluation: features", unit="image", leave=False,
+                disable=not self._progress, dynamic_ncols=True) as bar:
+        for feats in run_batches(self._embed, self._variables, batches, self._mesh):
+          for r, f in zip(todo[done:done + len(feats)], feats):
+            self._cache[r.path] = f
+          done += len(feats)
+          bar.update(len(feats))
+      self.seconds += time.perf_counter() - start
+      self.images += len(todo)
+    if not records:
+      return np.zeros((0, 0), np.float32)
+    return np.stack([self._cache[r.path] for r in records])
 
-  return extract
+
+def _calling_before(batches: Iterable[Any], hook: Callable[[], None]) -> Iterable[Any]:
+  for batch in batches:
+    hook()
+    yield batch
 
 
 def embed_tokens(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, tokens: np.ndarray,

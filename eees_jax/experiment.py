@@ -28,20 +28,17 @@ import numpy as np
 import optax
 
 from data_pipelines.records import TrainSet
-from eees_jax import losses, optim, sharding
+from eees_jax import config_validation, losses, optim, sharding
 from eees_jax import weights as weights_lib
 from eees_jax.models import eees as eees_lib
 from eees_jax.models import tokenizer as tokenizer_lib
 from eees_jax.models import towers
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def compute_dtype(name: str) -> Any:
-  """config.model.dtype -> the jnp dtype."""
-  if name not in DTYPES:
-    raise ValueError(f"config.model.dtype={name!r} is not one of {sorted(DTYPES)}")
-  return DTYPES[name]
+  """config.model.dtype -> the jnp dtype (config_validation.DTYPES names the allowed ones)."""
+  if name not in config_validation.DTYPES:
+    raise ValueError(f"config.model.dtype={name!r} is not one of {', '.join(config_validation.DTYPES)}")
+  return jnp.dtype(name)
 
 
 @flax.struct.dataclass
@@ -90,7 +87,7 @@ def load_pretrained(config: ml_collections.ConfigDict) -> weights_lib.CLIPWeight
     from eees_jax import pretrain_clip  # pylint: disable=g-import-not-at-top (training only)
     pretrain_clip.ensure_pretrained(config)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise weights_lib.CheckpointError(
         f"config.model.init.checkpoint={path!r} does not exist. Download OpenAI's CLIP RN50 weights "
         "(RN50.pt) on a machine with internet access, convert them once with "
         "`python -m eees_jax.convert_clip RN50.pt weights/RN50` and pass "
@@ -213,8 +210,8 @@ class TrainData:
 def load_train_data(config: ml_collections.ConfigDict) -> TrainData:
   """Reads the training set (generating the synthetic one if needed) and its descriptions."""
   # pylint: disable=g-import-not-at-top (module doc)
-  from data_pipelines import datasets, descriptions as descriptions_lib
-  train_set = datasets.load_train_set(config.dataset)
+  from data_pipelines import datasets, descriptions as descriptions_lib, registry
+  train_set = registry.load_train_set(config.dataset)
   texts = descriptions_lib.load_descriptions(datasets.descriptions_path(config.dataset),
                                              train_set.records, field=config.dataset.description_field)
   return TrainData(train_set=train_set, texts=list(texts))

@@ -20,6 +20,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from eees_jax.config_validation import ConfigError
+
 DATA_AXIS = "data"
 
 # Environment variables by which a launcher asks for a multi-process job.
@@ -36,10 +38,35 @@ def _multihost_requested() -> bool:
 
 
 def initialize_distributed() -> None:
-  """Calls jax.distributed.initialize() when the environment describes a multi-process job."""
-  if _multihost_requested() and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  """Calls jax.distributed.initialize() when the environment describes a multi-process job.
+
+  TPU slices, SLURM and Open MPI are detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process. On CPU hosts the
+  processes talk through JAX's gloo collectives.
+  """
+  if not _multihost_requested() or jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if os.environ.get("JAX_NUM_PROCESSES") and os.environ.get("JAX_PROCESS_ID"):
+    kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any (a collective: call it on all processes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  flags = multihost_utils.process_allgather(np.asarray([bool(flag)], np.int32))
+  return bool(np.any(flags))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(num_data: int = -1) -> Mesh:
@@ -47,7 +74,8 @@ def make_mesh(num_data: int = -1) -> Mesh:
   devices = jax.devices()
   n = len(devices) if num_data in (-1, 0, None) else num_data
   if n > len(devices):
-    raise ValueError(f"config.mesh.data={num_data} but only {len(devices)} devices are visible")
+    raise ConfigError([f"mesh.data = {num_data}: at most the {len(devices)} visible devices "
+                       "(-1: all of them)"])
   return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
 
 
@@ -105,8 +133,8 @@ def _key_name(key: Any) -> Any:
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str) -> None:
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f"{what}: global batch {global_batch} is not divisible by the {n} devices of the "
-                     "mesh; change the batch size or config.mesh.data")
+    raise ConfigError([f"{what}: global batch {global_batch} is not divisible by the {n} devices "
+                       "of the mesh; change the batch size or config.mesh.data"])
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -1,10 +1,16 @@
-"""EEES training: the pure train step, the loop, and (for now) the evaluation calls.
+"""EEES training: the pure train step, the loop, and the evaluation calls.
 
 One jit-compiled step over a device mesh: the global batch is sharded on the "data" axis, the state
 is replicated (or, with config.mesh.fsdp, its large parameters and Adam moments are split over the
 same axis), and the old state's buffers are donated. Data order, augmentation and the RNG depend
 only on (config.seed, step), so a run restarted from its last checkpoint replays exactly the batches
 it would have seen, and ends with the same parameters as an uninterrupted run.
+
+Nothing is lost on a crash or a preemption: the final state is saved before the final evaluation,
+and a SIGTERM at any moment saves what there is to save and raises Preempted (`eees_jax.main`
+exits with PREEMPTED_EXIT_CODE, so a scheduler requeues the job). On a multi-host run every process
+stops at the same step: each step carries the processes' SIGTERM flags into the jitted step, whose
+max comes back with the step's metrics (no extra synchronisation).
 
 The model, train state, optimiser and training data come from eees_jax/experiment.py, checkpoints and
 the workdir's model record from eees_jax/checkpoints.py, test-time features from
@@ -16,8 +22,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -27,13 +33,22 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from data_pipelines import registry
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
-from eees_jax import checkpoints, embedding, losses, sharding
+from data_pipelines.records import ImageRecord
+from eees_jax import checkpoints, config_validation, embedding, losses, sharding, summaries
 from eees_jax.experiment import Experiment, TrainState, build_experiment, init_experiment_state
+
+# The exit code of a run stopped by SIGTERM after saving (EX_TEMPFAIL: "try again later"): requeue.
+PREEMPTED_EXIT_CODE = 75
 
 
 class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or infinite; nothing was saved from that step on."""
+
+
+class Preempted(Exception):
+  """SIGTERM: the run saved what there was to save and stopped; the same command resumes it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,7 +60,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], text: dict[str, j
                loss_cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a global batch.
 
-  batch: images uint8 [N, H, W, 3], labels/modality/desc int32 [N] (N = 3PK, views V, Vc, R).
+  batch: images uint8 [N, H, W, 3], labels/modality/desc int32 [N] (N = 3PK, views V, Vc, R);
+    optional stop int32 [N]: each process's SIGTERM flag on its rows (metrics "stop" = their max).
   text: "index" int32 [num_records] mapping a record to its distinct description, and either
     "features" float32 [U, D] (frozen tower) or "tokens" int32 [U, L] (trainable tower).
   """
@@ -69,6 +85,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], text: dict[str, j
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  if "stop" in batch:  # any process's SIGTERM flag, the same on every process (see module doc)
+    metrics["stop"] = jnp.max(batch["stop"])
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, rng=jax.random.fold_in(state.rng, state.step))
   return new_state, metrics
@@ -78,52 +96,64 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], text: dict[str, j
 # Evaluation.
 # ----------------------------------------------------------------------------------------------
 
-def make_extract(exp: Experiment, state: TrainState) -> Callable:
-  """extract(records) -> test-time features [n, D] of the state's model (embedding.record_extractor)."""
+def make_extract(exp: Experiment, state: TrainState, *, progress: bool = False,
+                 before_batch=None) -> embedding.RecordExtractor:
+  """extract(records) -> test-time features [n, D] of the state's model, reading the test images
+  from the configured source (a folder or prepared TFDS splits)."""
   cfg = exp.config
   variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-  return embedding.record_extractor(exp.model, variables, exp.mesh, root=cfg.dataset.root,
-                                    height=cfg.input.height, width=cfg.input.width,
-                                    batch_size=cfg.input.eval_batch_size, flip=cfg.eval.flip)
+  return embedding.RecordExtractor(
+      exp.model, variables, exp.mesh, images=registry.eval_images(cfg.dataset),
+      height=cfg.input.height, width=cfg.input.width, batch_size=cfg.input.eval_batch_size,
+      flip=cfg.eval.flip, threads=cfg.input.threads or None, progress=progress,
+      before_batch=before_batch)
 
 
-def evaluate(exp: Experiment, state: TrainState, out_dir: str | None) -> dict:
-  """Runs the data set's protocol; writes the report (JSON, markdown, plots) into `out_dir`."""
-  from eees_jax.evaluation import protocols, report
+def evaluate(exp: Experiment, state: TrainState, out_dir: str | None, *,
+             records: list[ImageRecord] | None = None, before_batch=None,
+             notes: str | None = None) -> dict:
+  """Runs the data set's protocol; writes the report (JSON, markdown, plots, ranked list) into
+  `out_dir` (process 0). Every process must call it: feature extraction is a collective.
+  Prints how long feature extraction and scoring took."""
+  from eees_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   cfg = exp.config
-  extract = make_extract(exp, state)
-  name = cfg.dataset.name
-  split = "val" if cfg.dataset.holdout else "test"
-  if name in ("sysu", "synthetic"):
-    results = protocols.evaluate_sysu(extract, cfg.dataset.root, modes=tuple(cfg.eval.modes),
-                                      shots=tuple(cfg.eval.shots), trials=cfg.eval.trials, split=split)
-  elif name == "regdb":
-    results = protocols.evaluate_regdb(lambda split: extract, cfg.dataset.root, splits=(cfg.dataset.split,))
-  elif name == "llcm":
-    results = protocols.evaluate_llcm(extract, cfg.dataset.root, trials=cfg.eval.trials)
-  else:
-    raise ValueError(f"no evaluation protocol for config.dataset.name={name!r}")
-  if out_dir and jax.process_index() == 0:
-    title = f"EEES on {name}" + (" (held-out val ids, not a test result)" if split == "val" else "")
-    report.write_report(results, out_dir, title=title)
-    if name in ("sysu", "synthetic") and cfg.eval.ranked_list_queries > 0:
-      _ranked_list(extract, cfg, out_dir, split)
+  is_main = jax.process_index() == 0
+  extract = make_extract(exp, state, progress=is_main, before_batch=before_batch)
+  start = time.perf_counter()
+  records = registry.test_records(cfg) if records is None else records
+  results = registry.evaluate(extract, cfg, progress=is_main, records=records)
+  scoring = time.perf_counter() - start - extract.seconds
+  if out_dir and is_main:
+    report.write_report(results, out_dir, title=registry.report_title(cfg), notes=notes)
+  if cfg.eval.ranked_list_queries > 0:
+    sheet = os.fspath(checkpoints.path(out_dir, "ranked_list.png")) if out_dir and is_main else None
+    registry.ranked_list(extract, cfg, sheet, records)
+  if is_main:
+    rate = extract.images / max(extract.seconds, 1e-9)
+    tqdm.write(f"evaluation: features of {extract.images} images in {extract.seconds:.1f} s "
+               f"({rate:.1f} images/s), scoring in {scoring:.1f} s")
   return results
 
 
-def _ranked_list(extract: Callable, cfg, out_dir: str, split: str) -> None:
-  """Ranked-list sheet of all-search trial 0 (features come from the extract's cache)."""
-  from data_pipelines import sysu_mm01
-  from eees_jax.evaluation import metrics, report
-  query = sysu_mm01.query_set(cfg.dataset.root, "all", split=split)
-  gallery = sysu_mm01.gallery_set(cfg.dataset.root, "all", 0, split=split)
-  dist = metrics.cosine_distance(extract(query), extract(gallery))
-  step = max(len(query) // cfg.eval.ranked_list_queries, 1)
-  report.ranked_list_sheet(dist, query, gallery, cfg.dataset.root,
-                           os.path.join(out_dir, "ranked_list.png"),
-                           num_queries=cfg.eval.ranked_list_queries,
-                           query_indices=list(range(0, len(query), step))[:cfg.eval.ranked_list_queries],
-                           protocol="sysu")
+def check_evaluation_inputs(config: ml_collections.ConfigDict) -> list[ImageRecord]:
+  """What only evaluation would meet, checked before training: lists the test images, runs the
+  protocol on placeholder features (empty query or gallery lists, missing protocol files) and
+  decodes every test image as evaluation will (DatasetError naming unreadable ones). Returns the
+  test records."""
+  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+  records = registry.test_records(config)
+  rng = np.random.default_rng(0)
+  dry = config.copy_and_resolve_references()
+  dry.eval.rerank.enabled = False  # the ranking rules are checked without its cost
+  registry.evaluate(lambda recs: rng.standard_normal((len(recs), 8)).astype(np.float32), dry,
+                    records=records)
+  batches = input_pipeline.eval_dataset(
+      registry.eval_images(config.dataset), records, height=config.input.height,
+      width=config.input.width, batch_size=256, threads=config.input.threads or None)
+  for _ in tqdm(batches, total=-(-len(records) // 256), desc="checking test images", unit="batch",
+                leave=False, disable=jax.process_index() != 0):
+    pass
+  return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +161,7 @@ def _ranked_list(extract: Callable, cfg, out_dir: str, split: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (it saves, then exits)."""
+  """Turns SIGTERM into a flag; `agreed()` tells every process whether any process has it."""
 
   def __init__(self):
     self.requested = False
@@ -145,7 +175,17 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
+    if not self.requested:
+      os.write(sys.stderr.fileno(), b"SIGTERM: saving at the next safe point, then exiting\n")
     self.requested = True
+
+  def agreed(self) -> bool:
+    """A collective on a multi-host run: call it on every process at the same point."""
+    return sharding.any_process(self.requested)
+
+  def check(self) -> None:
+    if self.agreed():
+      raise Preempted("SIGTERM")
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -168,10 +208,31 @@ def _summary_scalars(results: dict) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from `workdir` when it holds checkpoints), evaluates, writes the report."""
+  """Trains (resuming from `workdir` when it holds checkpoints), saves, evaluates, writes the report.
+
+  Raises config_validation.ConfigError before any work for an invalid config, DatasetError /
+  WorkdirError for bad inputs or a workdir of another run, NonFiniteLossError /
+  checkpoints.NonFiniteStateError when training diverges, and Preempted after a SIGTERM (having
+  saved what there was to save).
+  """
+  config_validation.validate(config)
   sharding.initialize_distributed()
-  checkpoints.write_config(workdir, config)
-  exp, pretrained = build_experiment(config, workdir)
+  workdir = os.fspath(workdir)
+  with _Preemption() as preemption:
+    checkpoints.check_latest_config(workdir, config)  # before any expensive start-up work
+    exp, pretrained = build_experiment(config, workdir)
+    test_records = check_evaluation_inputs(config)
+    mngr = checkpoints.manager(workdir, config)  # creates the checkpoint folder
+    try:
+      return _train_and_evaluate(config, workdir, mngr, preemption, exp, pretrained, test_records)
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mngr,
+                        preemption: _Preemption, exp: Experiment, pretrained,
+                        test_records: list[ImageRecord]) -> dict:
   mesh = exp.mesh
   rep = sharding.replicated(mesh)
   # What rebuilds the model from the workdir alone (inference.load): in every checkpoint's meta.
@@ -183,14 +244,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_sh = sharding.state_shardings(state, mesh, config.mesh.fsdp, config.mesh.fsdp_min_size)
   state = jax.device_put(state, state_sh)
   del pretrained
-  mngr = checkpoints.manager(workdir, config)
   meta = {}
-  if mngr.latest_step() is not None:
-    state, meta = checkpoints.restore(mngr, state)
+  restored = checkpoints.restore_latest(mngr, state, workdir, config)
+  if restored is not None:
+    state, meta = restored
     print(f"Resumed from step {int(state.step)} in {workdir}", flush=True)
   meta.update(checkpoints.checkpoint_meta(config, record))
+  checkpoints.write_config(workdir, config)  # the start passed every check
   start_step = int(jax.device_get(state.step))
   text = {k: jax.device_put(v, rep) for k, v in exp.text_arrays.items()}
+  if preemption.agreed():
+    raise Preempted(f"SIGTERM during start-up: nothing new to save (latest checkpoint: step "
+                    f"{mngr.latest_step()}); rerun the same command to resume.")
 
   step_fn = jax.jit(functools.partial(train_step, model=exp.model, text_model=exp.text_model,
                                       tx=exp.tx, loss_cfg=config.loss),
@@ -208,80 +273,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       cache_decoded=config.input.cache_decoded)
 
   is_main = jax.process_index() == 0
-  writer = None
-  if is_main:
-    from tensorboardX import SummaryWriter
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  keeps_best = checkpoints.keeps_best(config)
+  folder = checkpoints.path(workdir, checkpoints.CHECKPOINTS)
+  writer = summaries.writer(os.fspath(checkpoints.path(workdir, "tensorboard"))) if is_main else None
   eval_every = config.train.eval_every_epochs * exp.steps_per_epoch
   ckpt_every = config.train.checkpoint_every_steps
+  epoch_of = lambda step: (step - 1) // exp.steps_per_epoch + 1  # pylint: disable=unnecessary-lambda-assignment
   bar = tqdm(total=exp.total_steps, initial=start_step, unit="step", disable=not is_main,
              dynamic_ncols=True, desc="train")
+
+  def save(step: int, metrics: dict | None = None) -> None:
+    meta.update(step=step, epoch=epoch_of(step))
+    checkpoints.save(mngr, state, meta, metrics if keeps_best else None)
+    if writer:
+      writer.flush()  # the logged scalars are as durable as the checkpoint
+
+  def scalars(prefix: str, values: dict, step: int) -> None:
+    if writer:
+      for k, v in values.items():
+        writer.add_scalar(f"{prefix}/{k}", float(v), step)
+
   pending = None  # (step, metrics) of the previous step, checked one step late (no device stall)
   last_log = (time.time(), start_step)
-  results = None
-  step = start_step
   try:
-    with _Preemption() as preemption:
-      for step in range(start_step + 1, exp.total_steps + 1):
-        batch = next(batches)
-        state, metrics = step_fn(state, sharding.host_batch_to_global(batch, mesh), text)
-        if pending is not None:
-          _check_finite(jax.device_get(pending[1]), pending[0])
-        pending = (step, metrics)
-        bar.update(1)
-        epoch = (step - 1) // exp.steps_per_epoch + 1
-        if step % config.train.log_every_steps == 0 or step == exp.total_steps:
-          m = jax.device_get(metrics)
-          _check_finite(m, step)
-          now = time.time()
-          ips = (step - last_log[1]) * global_batch / max(now - last_log[0], 1e-9)
-          last_log = (now, step)
-          bar.set_postfix(epoch=epoch, img_s=f"{ips:.1f}", lr=f"{float(exp.schedule(step - 1)):.2e}",
-                          **{k.split("/")[-1]: f"{float(v):.3f}" for k, v in m.items()
-                             if k.startswith("loss/") and "_" not in k})
-          if writer:
-            for k, v in m.items():
-              writer.add_scalar(f"train/{k}", float(v), step)
-            writer.add_scalar("train/images_per_second", ips, step)
-            writer.add_scalar("train/lr", float(exp.schedule(step - 1)), step)
-        eval_metrics = None
-        if eval_every > 0 and step % eval_every == 0 and step != exp.total_steps:
-          _check_finite(jax.device_get(metrics), step)
-          res = evaluate(exp, state, os.path.join(workdir, "eval", f"step_{step:07d}"))
-          eval_metrics = _summary_scalars(res)
-          bar.write(f"step {step} (epoch {epoch}): " +
-                    ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
-          if writer:
-            for k, v in eval_metrics.items():
-              writer.add_scalar(f"eval/{k}", v, step)
-        if eval_metrics is not None or (ckpt_every > 0 and step % ckpt_every == 0) \
-            or preemption.requested:
-          _check_finite(jax.device_get(metrics), step)
-          meta.update(step=step, epoch=epoch)
-          checkpoints.save(mngr, state, meta, eval_metrics)
-        if preemption.requested:
+    for step in range(start_step + 1, exp.total_steps + 1):
+      batch = next(batches)
+      batch["stop"] = np.full(len(batch["labels"]), preemption.requested, np.int32)
+      state, metrics = step_fn(state, sharding.host_batch_to_global(batch, mesh), text)
+      stop = False
+      if pending is not None:
+        previous = jax.device_get(pending[1])
+        _check_finite(previous, pending[0])
+        stop = bool(previous["stop"])  # the same on every process
+      pending = (step, metrics)
+      bar.update(1)
+      epoch = epoch_of(step)
+      if step % config.train.log_every_steps == 0 or step == exp.total_steps:
+        m = {k: v for k, v in jax.device_get(metrics).items() if k != "stop"}
+        _check_finite(m, step)
+        now = time.time()
+        ips = (step - last_log[1]) * global_batch / max(now - last_log[0], 1e-9)
+        last_log = (now, step)
+        bar.set_postfix(epoch=epoch, img_s=f"{ips:.1f}", lr=f"{float(exp.schedule(step - 1)):.2e}",
+                        **{k.split("/")[-1]: f"{float(v):.3f}" for k, v in m.items()
+                           if k.startswith("loss/") and "_" not in k})
+        scalars("train", dict(m, images_per_second=ips, lr=float(exp.schedule(step - 1))), step)
+      eval_metrics = None
+      if eval_every > 0 and step % eval_every == 0 and step != exp.total_steps and not stop:
+        _check_finite(jax.device_get(metrics), step)
+        try:
+          res = evaluate(exp, state, os.fspath(checkpoints.path(workdir, "eval", f"step_{step:07d}")),
+                         records=test_records, before_batch=preemption.check)
+        except Preempted:
+          save(step)
           mngr.wait_until_finished()
-          bar.write(f"SIGTERM: saved step {step} to {workdir}/checkpoints; rerun the same command "
-                    "to resume.")
-          return {"preempted_at_step": step}
+          raise Preempted(f"SIGTERM during the evaluation of step {step}: saved step {step} to "
+                          f"{folder}; rerun the same command to resume.") from None
+        bar.unpause()  # the training rate leaves the evaluation out
+        eval_metrics = _summary_scalars(res)
+        bar.write(f"step {step} (epoch {epoch}): " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
+        scalars("eval", eval_metrics, step)
+      if eval_metrics is not None or (ckpt_every > 0 and step % ckpt_every == 0) or stop:
+        _check_finite(jax.device_get(metrics), step)
+        save(step, eval_metrics)
+      if stop:
+        mngr.wait_until_finished()
+        raise Preempted(f"SIGTERM: saved step {step} to {folder}; rerun the same command to "
+                        "resume.")
     if pending is not None:
       _check_finite(jax.device_get(pending[1]), pending[0])
-    results = evaluate(exp, state, os.path.join(workdir, "report"))
-    final = _summary_scalars(results)
-    meta.update(step=int(jax.device_get(state.step)), final=final)
-    checkpoints.save(mngr, state, meta, final)
+    bar.close()  # before the evaluation: its rate is the training's alone
+    # The final state first: a kill during the evaluation loses nothing.
+    final_step = int(jax.device_get(state.step))
+    save(final_step)
     mngr.wait_until_finished()
-    if writer:
-      for k, v in final.items():
-        writer.add_scalar(f"eval/{k}", v, int(jax.device_get(state.step)))
+    if preemption.agreed():
+      raise Preempted(f"SIGTERM: saved the final step {final_step} to {folder}; rerun the same "
+                      "command to evaluate it.")
+    try:
+      results = evaluate(exp, state, os.fspath(checkpoints.path(workdir, "report")),
+                         records=test_records, before_batch=preemption.check,
+                         notes=checkpoints.selection_note(config))
+    except Preempted:
+      raise Preempted(f"SIGTERM during the final evaluation; the final step {final_step} was saved "
+                      f"to {folder} before it: rerun the same command to evaluate it.") from None
+    scalars("eval", _summary_scalars(results), final_step)
     if is_main:
-      md_path = os.path.join(workdir, "report", "results.md")
-      if os.path.exists(md_path):
-        print(open(md_path).read())
+      md = checkpoints.path(workdir, "report", "results.md")
+      if md.exists():
+        print(md.read_text())
     return results
   finally:
     bar.close()
     if writer:
       writer.close()
-    mngr.wait_until_finished()
-    mngr.close()

@@ -9,6 +9,8 @@ import os
 import re
 import statistics
 import sys
+import threading
+import time
 
 import pytest
 from absl import app
@@ -186,7 +188,43 @@ def test_bad_overrides_and_splits_fail_before_any_run(fake, data_root):
   assert ablation.parse_splits(["1-3", "7"]) == [1, 2, 3, 7]
 
 
-def test_a_run_that_stops_without_a_report_says_how_to_resume(tmp_path):
-  stopped = [sys.executable, "-c", "pass"]  # exits 0 and writes no report, like a preempted run
-  with pytest.raises(RuntimeError, match="run the same ablation command again to resume"):
-    ablation._run_one(stopped, str(tmp_path / "full" / "seed0"), {})
+def test_a_preempted_run_is_resumed_and_a_preempted_ablation_stops(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "full" / "seed0")
+  report = os.path.join(workdir, "report", "results.json")
+  # A run that saves and exits as preempted (75) on its first launch, and finishes on the second.
+  script = (f"import os, sys; os.makedirs(os.path.dirname({report!r}), exist_ok=True)\n"
+            f"if os.path.exists({report!r} + '.started'):\n"
+            f"  open({report!r}, 'w').write('{{\"settings\": {{}}}}')\n"
+            f"else:\n"
+            f"  open({report!r} + '.started', 'w').close(); sys.exit({ablation.PREEMPTED_EXIT_CODE})\n")
+  cmd = [sys.executable, "-c", script]
+  assert ablation._run_one(cmd, workdir, {}) == {"settings": {}}
+  assert open(os.path.join(workdir, "run.log")).read() == ""  # two launches, nothing printed
+  # A run that exits 0 without a report is an error that says how to resume.
+  with pytest.raises(ablation.RunFailedError, match="same ablation command resumes it"):
+    ablation._run_one([sys.executable, "-c", "pass"], str(tmp_path / "other"), {})
+  # When the ablation itself got the SIGTERM, it stops instead of resuming.
+  os.remove(report)
+  os.remove(report + ".started")
+  monkeypatch.setattr(ablation, "_STOP", threading.Event())
+  ablation._STOP.set()
+  with pytest.raises(ablation.AblationPreempted):
+    ablation._run_one(cmd, workdir, {})
+  assert not os.path.exists(report + ".started")  # nothing was launched
+
+
+def test_a_sigterm_to_the_ablation_reaches_its_running_runs(tmp_path, monkeypatch):
+  monkeypatch.setattr(ablation, "_STOP", threading.Event())
+  ready = tmp_path / "ready"
+  child = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
+           f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
+  codes = []
+  with open(tmp_path / "log", "w") as log:
+    thread = threading.Thread(target=lambda: codes.append(
+        ablation._launch([sys.executable, "-c", child], log, dict(os.environ))))
+    thread.start()
+    while not ready.exists():
+      time.sleep(0.01)
+    ablation._on_sigterm(None, None)  # what the ablation's SIGTERM handler does
+    thread.join(30)
+  assert codes == [ablation.PREEMPTED_EXIT_CODE] and ablation._STOP.is_set()

@@ -1,4 +1,5 @@
 """inference.load(workdir): the evaluation's features from the workdir alone; steps; errors."""
+import json
 import os
 import shutil
 
@@ -48,8 +49,8 @@ def trained(tmp_path_factory):
   # The evaluation extractor of the run's final evaluation, kept for the comparisons below.
   captured = []
 
-  def spy(exp, state):
-    captured.append((exp, state, make_extract(exp, state)))
+  def spy(exp, state, **kwargs):
+    captured.append((exp, state, make_extract(exp, state, **kwargs)))
     return captured[-1][2]
 
   make_extract = train.make_extract
@@ -139,8 +140,12 @@ def test_step_selection_latest_best_and_number(trained, loaded, tmp_path):
   t = trained
   workdir = str(tmp_path / "steps")
   shutil.copytree(t["workdir"], workdir)
-  mngr = checkpoints.manager(workdir, t["config"])
+  # A run with a validation split (only those keep a best checkpoint, chosen on val metrics).
+  held = t["config"].copy_and_resolve_references()
+  held.dataset.holdout = True
+  mngr = checkpoints.manager(workdir, held)
   _, meta = checkpoints.restore(mngr, t["state"])
+  meta = dict(meta, config=json.loads(held.to_json_best_effort()))
   states = {}
   for step, scale, metrics in [(10, 1.5, {"mAP": 99.0}), (11, 0.5, {"mAP": 1.0}), (12, 2.0, None)]:
     states[step] = t["state"].replace(
@@ -157,9 +162,9 @@ def test_step_selection_latest_best_and_number(trained, loaded, tmp_path):
   paths = [os.path.join(t["moved"], r.path) for r in t["records"]]
   modality = [r.modality for r in t["records"]]
   s10 = states[10]
-  extract = embedding.record_extractor(
+  extract = embedding.RecordExtractor(
       t["model"], {"params": s10.params["model"], "batch_stats": s10.batch_stats}, t["mesh"],
-      root=t["moved"], height=32, width=16, batch_size=16, flip=True)
+      images=t["moved"], height=32, width=16, batch_size=16, flip=True)
   np.testing.assert_allclose(best.embed_images(paths, modality), extract(t["records"]),
                              **ROUNDING)
   assert np.abs(latest.embed_images(paths, modality) - extract(t["records"])).max() > 1e-3
@@ -183,7 +188,7 @@ def test_clear_errors(trained, loaded, tmp_path):
   mngr.close()
   with pytest.raises(inference.WorkdirError, match="written before checkpoints recorded the model"):
     inference.load(old)
-  with pytest.raises(inference.WorkdirError, match="has evaluation metrics"):
+  with pytest.raises(inference.WorkdirError, match="without a validation split"):
     inference.load(old, "best")
   # A damaged frozen text tower file is refused.
   copy = str(tmp_path / "copy")

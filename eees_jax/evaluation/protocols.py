@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipelines.records import MODALITY_NAMES, ImageRecord
 from eees_jax.evaluation import metrics
@@ -118,10 +119,13 @@ def mean_of_trials(trials: list[dict]) -> dict:
 class _Collector:
   """Accumulates per-trial results into the settings of a results dict."""
 
-  def __init__(self, dataset: str, protocol: str, max_rank: int, trial_key: str, rerank):
+  def __init__(self, dataset: str, protocol: str, max_rank: int, trial_key: str, rerank,
+               total: int, progress: bool):
     self.results = {"dataset": dataset, "protocol": protocol, "distance": "cosine",
                     "max_rank": max_rank, "trial_key": trial_key, "settings": {}}
     self.protocol, self.max_rank, self.trial_key, self.rerank = protocol, max_rank, trial_key, rerank
+    self._bar = tqdm(total=total, desc="evaluation: scoring", unit="trial", leave=False,
+                     disable=not progress, dynamic_ncols=True)
 
   def _setting(self, name: str, query: str, gallery: str, reranked: bool,
                note: str | None) -> dict:
@@ -154,8 +158,10 @@ class _Collector:
                              max_rank=self.max_rank, chunk_size=chunk_size)
       self._setting(name, query, gallery, True, note)["trials"].append(
           {self.trial_key: trial, **summarize(res)})
+    self._bar.update(1)
 
   def finish(self) -> dict:
+    self._bar.close()
     for setting in self.results["settings"].values():
       setting["mean"] = mean_of_trials(setting["trials"])
     return self.results
@@ -198,7 +204,8 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
                   shots: Sequence[int] = (1,), trials: int | Sequence[int] = 10,
                   max_rank: int = 20, gallery_source: str = "random",
                   chunk_size: int | None = None, rerank: dict | None = None,
-                  split: str = "test", records: Sequence[ImageRecord] | None = None) -> dict:
+                  split: str = "test", records: Sequence[ImageRecord] | None = None,
+                  progress: bool = False) -> dict:
   """SYSU-MM01: infrared queries (cameras 3, 6) against per-trial visible galleries.
 
   For each mode ("all": cameras 1, 2, 4, 5; "indoor": 1, 2) and shots (1 single-shot, 10
@@ -210,6 +217,7 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
   split: "test" (the protocol), or "val" to score held-out training identities while tuning.
   records: the split's test records (sysu_mm01.test_records, or the prepared TFDS test splits);
     None lists them from `root`. The official gallery is always read from `root`.
+  progress: a tqdm bar over the scored trials (every runner takes it).
   """
   from data_pipelines import sysu_mm01
   trial_ids = _trial_list(trials)
@@ -238,7 +246,8 @@ def evaluate_sysu(extract: Extract, root: str, modes: Sequence[str] = SYSU_MODES
   q_bank = FeatureBank(extract, (r for recs in queries.values() for r in recs), "query")
   g_bank = FeatureBank(extract, (r for recs in galleries.values() for r in recs), "gallery")
 
-  out = _Collector("SYSU-MM01", "sysu", max_rank, "trial", _check_rerank(rerank))
+  out = _Collector("SYSU-MM01", "sysu", max_rank, "trial", _check_rerank(rerank),
+                   len(galleries), progress)
   for mode in modes:
     q_records = queries[mode]
     q_feats = q_bank.take(q_records)
@@ -255,7 +264,7 @@ def evaluate_regdb(extract_for_split: Callable[[int], Extract], root: str,
                    directions: Sequence[str] = REGDB_DIRECTIONS, max_rank: int = 20,
                    chunk_size: int | None = None, rerank: dict | None = None,
                    test_sets: Callable[[int], tuple[Sequence[ImageRecord], Sequence[ImageRecord]]]
-                   | None = None) -> dict:
+                   | None = None, progress: bool = False) -> dict:
   """RegDB: visible->thermal and thermal->visible on each split's test lists, mean over splits.
 
   RegDB trains one model per split, so the caller passes `extract_for_split(split) -> extract`,
@@ -273,7 +282,8 @@ def evaluate_regdb(extract_for_split: Callable[[int], Extract], root: str,
   for d in directions:
     if d not in REGDB_DIRECTIONS:
       raise ValueError(f"RegDB direction must be one of {REGDB_DIRECTIONS}, got {d!r}")
-  out = _Collector("RegDB", "regdb", max_rank, "split", _check_rerank(rerank))
+  out = _Collector("RegDB", "regdb", max_rank, "split", _check_rerank(rerank),
+                   len(splits) * len(directions), progress)
   for split in splits:
     visible, thermal = test_sets(split) if test_sets is not None else regdb.test_sets(root, split)
     extract = extract_for_split(split)
@@ -289,7 +299,7 @@ def evaluate_llcm(extract: Extract, root: str, trials: int | Sequence[int] = 10,
                   directions: Sequence[str] = LLCM_DIRECTIONS, layout: str = "deen",
                   max_rank: int = 20, chunk_size: int | None = None,
                   rerank: dict | None = None,
-                  records: Sequence[ImageRecord] | None = None) -> dict:
+                  records: Sequence[ImageRecord] | None = None, progress: bool = False) -> dict:
   """LLCM: both search directions over `trials` gallery draws, as in the DEEN code base.
 
   For a direction, data_pipelines.llcm.query_set lists every test image of the query modality and
@@ -316,7 +326,8 @@ def evaluate_llcm(extract: Extract, root: str, trials: int | Sequence[int] = 10,
   galleries = {(d, t): llcm.select_gallery(test, d, t) for d in directions for t in trial_ids}
   bank = FeatureBank(extract, [r for recs in queries.values() for r in recs]
                      + [r for recs in galleries.values() for r in recs], "LLCM test")
-  out = _Collector("LLCM", "llcm", max_rank, "trial", _check_rerank(rerank))
+  out = _Collector("LLCM", "llcm", max_rank, "trial", _check_rerank(rerank), len(galleries),
+                   progress)
   out.results["layout"] = layout
   for d in directions:
     transposed = layout == "deen" and d == "visible_to_infrared"

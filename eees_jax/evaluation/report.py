@@ -2,16 +2,19 @@
 
 Consumes the results dict of eees_jax.evaluation.protocols (percentages). Numbers from re-ranked
 distances are labelled "re-ranked" wherever they appear; a setting whose ranking is not plain
-query -> gallery (LLCM's DEEN layout) is marked in the table and explained under it. Plots use matplotlib's object API with the
-Agg canvas (no display, no global backend switch); sheets are drawn with PIL.
+query -> gallery (LLCM's DEEN layout) is marked in the table and explained under it. Plots use
+matplotlib's object API with the Agg canvas (no display, no global backend switch); sheets are
+drawn with PIL. Files are written through etils.epath, so a report may go to cloud storage.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from data_pipelines.image_source import ImageSource, as_source
 from data_pipelines.records import ImageRecord
@@ -97,20 +100,28 @@ def results_markdown(results: dict, title: str, notes: str | None = None,
 def write_report(results: dict, out_dir: str, title: str, notes: str | None = None,
                  plot: bool = True) -> str:
   """Writes out_dir/results.json, out_dir/results.md (and out_dir/cmc.png); returns the markdown."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=1))
   image = None
   if plot:
-    plot_cmc(results, os.path.join(out_dir, "cmc.png"), title=title)
+    plot_cmc(results, out / "cmc.png", title=title)
     image = "cmc.png"
   markdown = results_markdown(results, title, notes, cmc_image=image)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(markdown)
+  (out / "results.md").write_text(markdown)
   return markdown
 
 
-def plot_cmc(results: dict, path: str, title: str | None = None) -> None:
+def _save_image(path: str | os.PathLike, draw: Callable[[io.BytesIO], None]) -> None:
+  """Renders into memory, then writes the file in one piece (local or cloud path)."""
+  buf = io.BytesIO()
+  draw(buf)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buf.getvalue())
+
+
+def plot_cmc(results: dict, path: str | os.PathLike, title: str | None = None) -> None:
   """Mean CMC curve of every setting (re-ranked ones dashed) into a PNG at `path`."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -133,8 +144,7 @@ def plot_cmc(results: dict, path: str, title: str | None = None) -> None:
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7, loc="lower right")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  _save_image(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ---------------------------------------------------------------- ranked-list sheet
@@ -219,6 +229,5 @@ def ranked_list_sheet(ranking: np.ndarray, query_records: Sequence[ImageRecord],
       colour = _GREEN if rec.pid == q.pid else _RED
       sheet.paste(_load_cell(source, rec, cell, border, colour), (x, y))
       draw.text((x + 2, y + h + 1), f"{rank}: {rec.pid}/c{rec.camid}", fill=colour, font=font)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  sheet.save(path)
+  _save_image(path, lambda f: sheet.save(f, format="PNG"))
   return shown
