@@ -18,11 +18,12 @@ def get_config():
   c.dataset.root = "data/synthetic"
   c.dataset.descriptions = "descriptions.jsonl"
   c.dataset.generate = ml_collections.ConfigDict(dict(
-      num_ids=240, num_test=40, images_per_camera=5, height=128, width=64, seed=0,
-      val_fraction=0.2, purpose="benchmark", min_slots=3, max_slots=6, visible_wrong=0.05,
-      ir_colour_missing=0.5, ir_colour_wrong=0.25))
+      num_ids=600, num_test=40, images_per_camera=2, height=128, width=64, seed=0,
+      val_fraction=0.15, purpose="benchmark", min_slots=3, max_slots=6, visible_wrong=0.05,
+      ir_colour_missing=0.5, ir_colour_wrong=0.25, visible_colour_missing=0.0, clutter=0.5,
+      far_prob=0.1, occluder_prob=0.1))
 
-  c.input.height, c.input.width = 96, 48   # images are generated at 128x64 and resized
+  c.input.height, c.input.width = 64, 32   # images are generated at 128x64 and resized
   c.input.P, c.input.K = 8, 4
   c.input.cache_decoded = True
   c.input.eval_batch_size = 128
@@ -32,7 +33,7 @@ def get_config():
       kind="resnet", layers=(1, 1, 1, 1), width=16, output_dim=128, heads=4,
       pos_grid=7, last_stride=1, interpolation="bilinear", num_modalities=2))
   c.model.text = common.clip_text_tower(embed_dim=128)
-  c.model.text.update(width=128, heads=4, layers=2, context_length=48)  # captions <= 40 tokens
+  c.model.text.update(width=64, heads=2, layers=2, context_length=56)  # captions <= 53 tokens
   c.model.init.checkpoint = "data/synthetic_clip"
   c.text.trainable = False
 
@@ -40,9 +41,10 @@ def get_config():
   c.pretrain = ml_collections.ConfigDict(dict(
       enabled=True,
       data=dict(root="data/synthetic_pretrain", generate=dict(
-          num_ids=300, images_per_camera=4, height=128, width=64, seed=1000, purpose="pretrain", min_slots=3, max_slots=6, visible_wrong=0.05,
-          ir_colour_missing=0.5, ir_colour_wrong=0.25)),
-      steps=600, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_fraction=0.05, seed=0,
+          num_ids=1500, images_per_camera=1, height=128, width=64, seed=1000, purpose="pretrain",
+          min_slots=7, max_slots=11, visible_wrong=0.0, ir_colour_missing=1.0, ir_colour_wrong=0.0,
+          visible_colour_missing=0.3, clutter=0.5, far_prob=0.1, occluder_prob=0.1)),
+      steps=600, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_fraction=0.05, seed=0,
       aug=dict(pad=4, flip=0.5),
   ))
 

@@ -13,7 +13,8 @@ from data_pipelines import registry, synthetic, sysu_mm01
 from data_pipelines.records import INFRARED, VISIBLE, DatasetError, ImageRecord
 from eees_jax.evaluation import metrics, protocols
 
-TINY = dict(num_ids=10, images_per_camera=2, height=32, width=16, seed=2, val_fraction=0.3)
+TINY = dict(num_ids=10, num_test=3, images_per_camera=2, height=32, width=16,
+             seed=2, val_fraction=0.3)
 
 
 def feature(r: ImageRecord) -> np.ndarray:

@@ -12,7 +12,8 @@ from configs import synthetic as synthetic_config
 from data_pipelines import input_pipeline, registry, synthetic
 from data_pipelines.records import DatasetError
 
-TINY = dict(num_ids=8, images_per_camera=2, height=32, width=16, seed=5, val_fraction=0.25)
+TINY = dict(num_ids=8, num_test=3, images_per_camera=2, height=32, width=16,
+             seed=5, val_fraction=0.25)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
