@@ -153,14 +153,28 @@ def build(model_name: str, P: int, K: int, dtype: str, num_classes: int = 395):
   """
   cfg = _config(model_name)
   cfg.model.dtype = dtype
+  return build_step(cfg, P, K, num_classes)
+
+
+def build_step(cfg, P: int, K: int, num_classes: int = 395, variables: dict | None = None,
+               seed: int = 0):
+  """The trainer's jitted step (donated state) for config `cfg`, compiled for a batch of 3PK random
+  uint8 images (V, Vc, R: labels repeated per view, modality 0, 0, 1) and random frozen description
+  features; `variables` ({'params', 'batch_stats'} of the EEES module) replaces the fresh model.
+
+  Returns (compiled, state, batch, text, compile_s).
+  """
   cfg.text.trainable = False  # frozen description features, as the real recipe
   h, w = cfg.input.height, cfg.input.width
   n = 3 * P * K
   model = experiment.build_model(experiment.model_spec(cfg, num_classes, pretrained=None))
   tx, _ = experiment.make_optimizer(cfg, model, steps_per_epoch=100)
-  state = experiment.init_state(cfg, model, tx, pretrained=None)
+  if variables is None:
+    state = experiment.init_state(cfg, model, tx, pretrained=None)
+  else:
+    state = state_from_variables(cfg, model, tx, variables)
   dim = cfg.model.text.embed_dim
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   labels = np.tile(np.repeat(np.arange(P), K), 3).astype(np.int32)
   batch = {"images": jnp.asarray(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)),
            "labels": jnp.asarray(labels),
@@ -174,6 +188,31 @@ def build(model_name: str, P: int, K: int, dtype: str, num_classes: int = 395):
   compiled = step.lower(state, batch, text).compile()
   compile_s = time.perf_counter() - t0
   return compiled, state, batch, text, compile_s
+
+
+def state_from_variables(cfg, model: experiment.Model, tx, variables: dict) -> experiment.TrainState:
+  """A fresh train state whose EEES module holds `variables` ({'params', 'batch_stats'}: the tree
+  and shapes of the model's, else ValueError naming the difference), without running the model's
+  initialiser (its structure comes from jax.eval_shape)."""
+  abstract = jax.eval_shape(lambda: experiment.init_state(cfg, model, tx, pretrained=None))
+  if set(abstract.params) != {"model"}:
+    raise ValueError(f"parameters besides the model's ({sorted(abstract.params)}): the config has "
+                     "a trainable text tower or pair projection, which `variables` cannot fill")
+
+  def check(what, new, old):
+    if jax.tree.structure(new) != jax.tree.structure(old):
+      raise ValueError(f"{what}: tree differs from the model's: {jax.tree.structure(new)} vs "
+                       f"{jax.tree.structure(old)}")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(new)[0], jax.tree.leaves(old)):
+      if np.shape(a) != b.shape:
+        raise ValueError(f"{what}{jax.tree_util.keystr(path)}: shape {np.shape(a)}, the model "
+                         f"has {b.shape}")
+    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, old)
+  params = {"model": check("params", variables["params"], abstract.params["model"])}
+  stats = check("batch_stats", variables["batch_stats"], abstract.batch_stats)
+  # The step draws no random numbers from rng; it is only carried along.
+  return experiment.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                               opt_state=tx.init(params), rng=jax.random.PRNGKey(cfg.seed))
 
 
 def measure(model_name: str, P: int, K: int, dtype: str, steps: int,

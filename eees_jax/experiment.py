@@ -97,7 +97,7 @@ def load_pretrained(config: ml_collections.ConfigDict) -> weights_lib.CLIPWeight
 
 # Options that do not change a tower's parameters: they come from the experiment config even when
 # the architecture comes from a checkpoint.
-_VISION_RUNTIME_OPTIONS = {"resnet": ("last_stride", "interpolation", "num_modalities"),
+_VISION_RUNTIME_OPTIONS = {"resnet": ("last_stride", "interpolation", "num_modalities", "remat"),
                            "vit": ("patch_stride", "interpolation", "num_modalities")}
 
 
