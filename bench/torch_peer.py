@@ -178,7 +178,7 @@ def wrt_triplet(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
   sq = (x * x).sum(dim=1)
   d = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp(min=1e-12).sqrt()
   same = labels[:, None] == labels[None, :]
-  pos = same & ~torch.eye(len(labels), dtype=torch.bool)
+  pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
   neg = ~same
   w_pos = torch.softmax(d.masked_fill(~pos, float("-inf")), dim=1)
   w_neg = torch.softmax((-d).masked_fill(~neg, float("-inf")), dim=1)

@@ -216,11 +216,12 @@ def state_from_variables(cfg, model: experiment.Model, tx, variables: dict) -> e
 
 
 def measure(model_name: str, P: int, K: int, dtype: str, steps: int,
-            num_classes: int = 395) -> dict:
-  """Compiles the step, runs one warm-up and `steps` timed steps; returns the figures."""
+            num_classes: int = 395, built: tuple | None = None) -> dict:
+  """Compiles the step (or takes `built`, what build() returns), runs one warm-up and `steps`
+  timed steps; returns the figures."""
   cfg = _config(model_name)
   n = 3 * P * K
-  compiled, state, batch, text, compile_s = build(model_name, P, K, dtype, num_classes)
+  compiled, state, batch, text, compile_s = built or build(model_name, P, K, dtype, num_classes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan")))
@@ -279,15 +280,26 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="device peak TFLOP/s for the dtype; adds an MFU column")
+  p.add_argument("--compile_parallel", action="store_true",
+                 help="compile every --sweep shape at once in threads before timing any (an "
+                      "accelerator's compiles take about a minute each; the compile column then "
+                      "shows each one's wall time under that sharing)")
   p.add_argument("--matmul_n", type=int, default=None,
                  help="side of the reference matmul (default 2048 on CPU, 8192 on accelerators)")
   args = p.parse_args()
   n = args.matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
   ref = matmul_gflops(n)
   shapes = args.sweep or [(args.P, args.K)]
+  prebuilt = {}
+  if args.compile_parallel and len(shapes) > 1:
+    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
+    with ThreadPoolExecutor(max_workers=len(shapes)) as pool:
+      futures = {pk: pool.submit(build, args.model, pk[0], pk[1], args.dtype) for pk in shapes}
+      prebuilt = {pk: f.result() for pk, f in futures.items()}
   rows = []
   for P, K in shapes:
-    rows.append(_row(measure(args.model, P, K, args.dtype, args.steps), ref, args.peak_tflops))
+    rows.append(_row(measure(args.model, P, K, args.dtype, args.steps,
+                             built=prebuilt.pop((P, K), None)), ref, args.peak_tflops))
     print(rows[-1], flush=True)
   cols = list(_COLUMNS) + (["MFU"] if args.peak_tflops else []) + ["peak RSS (GiB)"]
   flags = f"--model={args.model} --dtype={args.dtype} --steps={args.steps}"
@@ -301,6 +313,8 @@ def main() -> None:
                    f"Train step: {args.model}, P={args.P} K={args.K}, {args.dtype}")
   if jax.default_backend() != "cpu":  # Accelerator rows get their own sections beside the CPU ones.
     name += f"_{jax.default_backend()}"
+  if args.compile_parallel:
+    flags += " --compile_parallel"
   if args.peak_tflops:
     flags += f" --peak_tflops={args.peak_tflops:g}"
   if args.matmul_n:

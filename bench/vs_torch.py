@@ -76,6 +76,9 @@ def torch_device() -> str:
     # JAX's default float32 precision on GPUs is TF32 for matmuls and convolutions; PyTorch's
     # default is TF32 for convolutions only. Same arithmetic for both.
     torch.backends.cuda.matmul.allow_tf32 = True
+    # XLA autotunes its convolutions while compiling; cuDNN's counterpart (first calls of a
+    # shape, inside the warm-up).
+    torch.backends.cudnn.benchmark = True
     return "cuda"
   return "cpu"
 
@@ -128,10 +131,13 @@ class JaxEmbed(_Case):
     from eees_jax import embedding, experiment  # pylint: disable=g-import-not-at-top
     cfg = jax_config(vision, args.height, args.width, 1, 1, dtype, args.remat)
     model = experiment.build_model(experiment.model_spec(cfg, NUM_CLASSES, pretrained=None))
-    self._fn = embedding.test_feature_fn(model.eees, flip=True)
     self._vars = jax.device_put(jax.tree.map(jnp.asarray, variables))
     self._x = jax.device_put(_images(batch, args.height, args.width, 1))
     self._m = jax.device_put(np.arange(batch, dtype=np.int32) % 2)
+    t = time.perf_counter()
+    self._fn = embedding.test_feature_fn(model.eees, flip=True).lower(
+        self._vars, self._x, self._m).compile()
+    self.compile_s = time.perf_counter() - t
     self.images = batch
 
   def run(self):
@@ -234,18 +240,29 @@ def peak_memory_gib() -> float:
 # ---------------------------------------------------------------------------------------------
 
 def run_child(args) -> None:
-  task = _parse_task(args.child_task)
+  """--child: one framework, the tasks of --child_task (comma-separated) one after the other; prints
+  a JSON list, per task: its timed calls' seconds, the process's peak memory so far, the first
+  call's loss (train step); with --child_save, each task's first output goes to
+  <child_save>_<task>.npy (features, or the losses of every call)."""
   peer, vision, variables = build_peer(args.model)
-  case = make_case(args.child, task, args.child_dtype, args, peer, vision, variables)
-  del peer, variables
-  first = case.warmup()
-  times = []
-  for _ in range(args.calls):
-    t = time.perf_counter()
-    case.run()
-    times.append(time.perf_counter() - t)
-  print(json.dumps({"seconds": times, "peak_gib": peak_memory_gib(),
-                    "first_loss": first if isinstance(first, float) else None}))
+  results = []
+  for name in args.child_task.split(","):
+    task = _parse_task(name)
+    case = make_case(args.child, task, args.child_dtype, args, peer, vision, variables)
+    outputs = [case.warmup()]
+    times = []
+    for _ in range(args.calls):
+      t = time.perf_counter()
+      outputs.append(case.run())
+      times.append(time.perf_counter() - t)
+    if args.child_save:
+      keep = np.asarray(outputs) if task[0] == "step" else np.asarray(outputs[0], np.float32)
+      np.save(f"{args.child_save}_{name}.npy", keep)
+    results.append({"task": name, "seconds": times, "peak_gib": peak_memory_gib(),
+                    "compile_s": getattr(case, "compile_s", None),
+                    "first_loss": outputs[0] if task[0] == "step" else None})
+    del case, outputs
+  print(json.dumps(results))
 
 
 def jemalloc_path() -> str | None:
@@ -267,13 +284,21 @@ def child_env(allocator: str) -> dict[str, str]:
   return env
 
 
-def spawn(framework: str, task: tuple, dtype: str, args, allocator: str = "shipped") -> dict:
-  cmd = [sys.executable, "-m", "bench.vs_torch", f"--child={framework}",
-         f"--child_task={_task_name(task)}", f"--child_dtype={dtype}", f"--model={args.model}",
-         f"--height={args.height}", f"--width={args.width}", "--calls=1"]
-  if args.remat is not None:
-    cmd.append(f"--remat={','.join(args.remat)}")
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(allocator),
+def spawn(framework: str, tasks: str, dtype: str, args, allocator: str = "shipped",
+          env: dict[str, str] | None = None, remat: list[str] | None = None,
+          save: str | None = None) -> list[dict]:
+  """Runs a --child process (tasks: comma-separated task names) and returns its JSON list. env
+  adds variables (e.g. XLA_FLAGS); remat overrides --remat."""
+  remat = args.remat if remat is None else remat
+  cmd = [sys.executable, "-m", "bench.vs_torch", f"--child={framework}", f"--child_task={tasks}",
+         f"--child_dtype={dtype}", f"--model={args.model}", f"--height={args.height}",
+         f"--width={args.width}", f"--calls={getattr(args, 'child_calls', 1)}"]
+  if remat is not None:
+    cmd.append(f"--remat={','.join(remat)}")
+  if save:
+    cmd.append(f"--child_save={save}")
+  proc = subprocess.run(cmd, capture_output=True, text=True,
+                        env={**child_env(allocator), **(env or {})},
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if proc.returncode:
     raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -301,26 +326,50 @@ def _task_label(task: tuple) -> str:
   return f"train step P={task[1]} K={task[2]} ({3 * task[1] * task[2]} images)"
 
 
-def check_parity(peer, vision, variables, args) -> float:
-  """Max |difference| of the test-time features of both frameworks on the same 4 images (eval
-  mode, float32); raises when over --tolerance."""
-  jax_case = JaxEmbed(vision, variables, args, 4, "float32")
-  torch_case = TorchEmbed(peer, args, 4, "float32")
-  a = np.asarray(jax_case.run(), np.float64)
-  b = torch_case.run().cpu().numpy().astype(np.float64)
+def parity_jax_case(vision, variables, args) -> _Case:
+  """The JAX side of check_parity: float32 features of 4 images, compiled at full float32
+  precision (no TF32 on a GPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with jax.default_matmul_precision("float32"):
+    return JaxEmbed(vision, variables, args, 4, "float32")
+
+
+def check_parity(peer, vision, variables, args,
+                 jax_case: _Case | None = None) -> tuple[float, float]:
+  """(max |difference| of both frameworks' test-time features of the same 4 images, eval mode,
+  full float32 arithmetic (no TF32 on a GPU); max |difference| between two images' features, the
+  scale the first must be far below). Raises when the first is over --tolerance."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch_case = TorchEmbed(peer, args, 4, "float32")  # sets the GPU's TF32 defaults
+  tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  try:
+    jax_case = jax_case or parity_jax_case(vision, variables, args)
+    a = np.asarray(jax_case.run(), np.float64)
+    b = torch_case.run().cpu().numpy().astype(np.float64)
+  finally:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
   if a.shape != b.shape:
     raise SystemExit(f"feature shapes differ: JAX {a.shape}, PyTorch {b.shape}")
   diff = float(np.abs(a - b).max())
+  spread = float(np.abs(a[:, None, :] - a[None, :, :]).max())
   if not diff <= args.tolerance:
     raise SystemExit(f"the two models do not compute the same function: test-time features "
                      f"differ by up to {diff:.3g} (> --tolerance={args.tolerance:g})")
-  return diff
+  return diff, spread
 
 
-def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: bool) -> dict:
-  """Builds both, warms up, then --rounds alternating rounds; per round also one jemalloc child
-  when `tuned`. Returns the case's figures."""
-  cases = {"jax": make_case("jax", task, dtype, args, peer, vision, variables),
+def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: bool,
+              jax_case: _Case | None = None) -> dict:
+  """Builds both (or takes the JAX side prebuilt), warms up, then --rounds alternating rounds; per
+  round also one jemalloc child when `tuned`. Returns the case's figures; on a GPU with each
+  framework's peak device memory (PyTorch's of this case; JAX's of the process so far: XLA's
+  allocator keeps no resettable peak)."""
+  gpu = device_kind() == "gpu"
+  if gpu:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.reset_peak_memory_stats()
+  cases = {"jax": jax_case or make_case("jax", task, dtype, args, peer, vision, variables),
            "torch": make_case("torch", task, dtype, args, peer, vision, variables)}
   first = {name: case.warmup() for name, case in cases.items()}
   times = {name: [] for name in cases}
@@ -333,7 +382,7 @@ def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: boo
         cases[name].run()
         times[name].append(time.perf_counter() - t)
     if tuned:
-      tuned_runs.append(spawn("torch", task, dtype, args, "jemalloc"))
+      tuned_runs.append(spawn("torch", _task_name(task), dtype, args, "jemalloc")[0])
     print(f"  round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.3g} s" for n in cases)
           + (f", torch+jemalloc {tuned_runs[-1]['seconds'][-1]:.3g} s" if tuned else ""),
           flush=True)
@@ -346,8 +395,28 @@ def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: boo
   if tuned:
     out["tuned_s"] = statistics.median(r["seconds"][-1] for r in tuned_runs)
     out["tuned_peak_gib"] = max(r["peak_gib"] for r in tuned_runs)
+  out["jax_compile_s"] = getattr(cases["jax"], "compile_s", None)
+  if gpu:
+    import jax  # pylint: disable=g-import-not-at-top
+    stats = jax.devices()[0].memory_stats() or {}
+    out["jax_peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+    out["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
   del cases
   return out
+
+
+def precompile(keys: list[tuple], args, vision, variables) -> dict:
+  """The JAX side of every (task, dtype), and under the key "parity" check_parity's, compiled in
+  parallel threads (XLA releases the GIL)."""
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  with ThreadPoolExecutor(max_workers=len(keys) + 1) as pool:
+    futures = {k: pool.submit(make_case, "jax", k[0], k[1], args, None, vision, variables)
+               for k in keys}
+    futures["parity"] = pool.submit(parity_jax_case, vision, variables, args)
+    built = {k: f.result() for k, f in futures.items()}
+  print(f"compiled {len(keys)} JAX programs in {time.perf_counter() - t:.0f} s", flush=True)
+  return built
 
 
 def _load(values) -> str:
@@ -368,7 +437,7 @@ def machine_line() -> str:
   return f"{machine_description()}; {extra}; Python {platform.python_version()}"
 
 
-def report(args, rows: list[dict], memory: dict, parity: float, load: tuple, allocator: str,
+def report(args, rows: list[dict], memory: dict, parity: tuple, load: tuple, allocator: str,
            command: str) -> str:
   gpu = device_kind() == "gpu"
   has_tuned = any("tuned_s" in r for r in rows)
@@ -383,7 +452,8 @@ def report(args, rows: list[dict], memory: dict, parity: float, load: tuple, all
            f"JAX remat: {','.join(args.remat) if args.remat else 'off'}", "",
            f"Same random weights in both (the PyTorch state dict through eees_jax.weights); "
            f"input {args.height}x{args.width}; test-time features of the same 4 images agree to "
-           f"{parity:.2g} (max abs difference, float32, eval mode). Each case: built, warmed up, "
+           f"{parity[0]:.2g} (max abs difference, float32, eval mode; features of two different "
+           f"images differ by up to {parity[1]:.2g}). Each case: built, warmed up, "
            f"then {args.rounds} rounds of {args.calls} call(s) per framework, alternating; "
            "median seconds per call. Ratio = JAX images/s over PyTorch images/s (above 1: JAX "
            "faster). Train step: identity + WRT triplet on f and v, Adam, 3PK images (V, Vc, R); "
@@ -402,11 +472,23 @@ def report(args, rows: list[dict], memory: dict, parity: float, load: tuple, all
       cells += [_fmt(tuned), _fmt(jax_ips / tuned if tuned else None, ".2f")]
     cells.append(f"{r['loss_jax']:.5g} / {r['loss_torch']:.5g}" if "loss_jax" in r else "-")
     lines.append("| " + " | ".join(cells) + " |")
+  if gpu:
+    memory = {(_task_name(r["task"]), r["dtype"]): {"jax": r["jax_peak_gib"],
+                                                    "torch": r["torch_peak_gib"]}
+              for r in rows if "jax_peak_gib" in r}
   if memory or has_tuned:
-    what = "peak GPU memory in use" if gpu else "peak resident memory (ru_maxrss)"
-    lines += ["", f"Memory: {what} of a child process that builds one framework's case, warms up "
-              "and makes one timed call (GiB)" + ("; PyTorch+jemalloc: the largest of its "
-                                                 "per-round children." if has_tuned else "."), ""]
+    if gpu:
+      what = ("Memory: peak GPU memory in use (GiB), measured in the timing process: PyTorch's "
+              "of the case (torch.cuda.max_memory_allocated); JAX's the process's peak so far "
+              "(XLA's allocator has no resettable peak, so a case shows the largest of the cases "
+              "run before it).")
+    else:
+      what = ("Memory: peak resident set (VmHWM, GiB) of a child process that builds one "
+              "framework's case (both frameworks are imported in each: the weights come from the "
+              "PyTorch peer), warms up and makes one timed call"
+              + ("; PyTorch+jemalloc: the largest of its per-round children." if has_tuned
+                 else "."))
+    lines += ["", what, ""]
     mcols = ["case", "dtype", "JAX", "PyTorch", "JAX / PyTorch"]
     if has_tuned:
       mcols += ["PyTorch+jemalloc", "JAX / PyTorch+jemalloc"]
@@ -474,6 +556,7 @@ def parse_args(argv=None):
   p.add_argument("--child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
   p.add_argument("--child_task", default=None, help=argparse.SUPPRESS)
   p.add_argument("--child_dtype", default="float32", help=argparse.SUPPRESS)
+  p.add_argument("--child_save", default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
 
@@ -507,8 +590,12 @@ def main(argv=None) -> None:
   tasks = ([("embed", args.embed_batch)] if args.embed_batch else []) + [
       ("step", P, K) for P, K in args.sizes]
   peer, vision, variables = build_peer(args.model)
-  parity = check_parity(peer, vision, variables, args)
-  print(f"test-time features agree to {parity:.3g} (max abs difference)", flush=True)
+  prebuilt = {}
+  if gpu:  # XLA's GPU compiles (autotuning included) take a minute or more one after the other
+    prebuilt = precompile([(t, d) for d in args.dtypes for t in tasks], args, vision, variables)
+  parity = check_parity(peer, vision, variables, args, prebuilt.pop("parity", None))
+  print(f"test-time features agree to {parity[0]:.3g} (max abs difference; between images: "
+        f"{parity[1]:.3g})", flush=True)
   rows, memory = [], {}
   want_memory = None if args.memory_cases is None else set(args.memory_cases)
 
@@ -524,15 +611,16 @@ def main(argv=None) -> None:
     for task in tasks:
       print(f"{_task_label(task)}, {dtype}", flush=True)
       rows.append(time_case(task, dtype, args, peer, vision, variables,
-                            tuned and task[0] in args.jemalloc_tasks))
+                            tuned and task[0] in args.jemalloc_tasks,
+                            jax_case=prebuilt.pop((task, dtype), None)))
       emit()  # partial results survive an interrupted run
-  if not args.no_memory:
+  if not args.no_memory and not gpu:  # on a GPU each framework's peak is measured in-process
     for dtype in args.dtypes:
       for task in tasks:
         key = (_task_name(task), dtype)
         if want_memory is not None and f"{key[0]}:{key[1]}" not in want_memory:
           continue
-        memory[key] = {fw: spawn(fw, task, dtype, args)["peak_gib"] for fw in ("jax", "torch")}
+        memory[key] = {fw: spawn(fw, key[0], dtype, args)[0]["peak_gib"] for fw in ("jax", "torch")}
         print(f"memory {key}: {memory[key]}", flush=True)
         emit()
   md = emit()

@@ -102,7 +102,7 @@ def test_bench_runs_tiny(tmp_path, capsys):
   capsys.readouterr()
   vs_torch.main(["--child=torch", "--child_task=step2x2", "--model=tiny", "--height=32",
                  "--width=16", "--calls=1"])
-  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
   assert out["peak_gib"] > 0.1 and len(out["seconds"]) == 1 and out["first_loss"] > 0
 
 
