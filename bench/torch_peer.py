@@ -145,16 +145,18 @@ class TorchEEES(nn.Module):
 
 
 def randomize_(model: TorchEEES, seed: int = 0) -> None:
-  """Random weights that keep a deep net's activations in range, in place: the convolutions and
-  linear layers keep torch's initialisation (drawn from `seed`); every BatchNorm gets a random
-  scale 1 +- 0.1, shift, running mean and running variance (CLIP zero-initialises some scales,
-  which would hide half the network from a comparison); the two stems differ."""
+  """Random weights that keep a deep net's activations in range, in place, all drawn from `seed`:
+  the convolutions and linear layers get torch's initialisation (the classifiers AGW's N(0, 0.001));
+  every BatchNorm gets a random scale 1 +- 0.1, shift, running mean and running variance (CLIP
+  zero-initialises some scales, which would hide half the network from a comparison); the two
+  stems differ."""
   torch.manual_seed(seed)
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for module in model.modules():
-      if isinstance(module, (nn.Conv2d, nn.Linear)) and module not in (model.classifier_f,
-                                                                       model.classifier_v):
+      if module in (model.classifier_f, model.classifier_v):
+        nn.init.normal_(module.weight, std=0.001)
+      elif isinstance(module, (nn.Conv2d, nn.Linear)):
         module.reset_parameters()
       if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         c = module.num_features

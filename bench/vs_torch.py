@@ -178,6 +178,7 @@ class JaxStep(_Case):
 
   def run(self):
     self._state, metrics = self._step(self._state, self._batch, self._text)
+    self.grad_norm = float(metrics["grad_norm"])
     return float(metrics["loss/total"])
 
 
@@ -243,20 +244,22 @@ def run_child(args) -> None:
   """--child: one framework, the tasks of --child_task (comma-separated) one after the other; prints
   a JSON list, per task: its timed calls' seconds, the process's peak memory so far, the first
   call's loss (train step); with --child_save, each task's first output goes to
-  <child_save>_<task>.npy (features, or the losses of every call)."""
+  <child_save>_<task>.npy (features, or the first step's loss and gradient norm)."""
   peer, vision, variables = build_peer(args.model)
   results = []
   for name in args.child_task.split(","):
     task = _parse_task(name)
     case = make_case(args.child, task, args.child_dtype, args, peer, vision, variables)
     outputs = [case.warmup()]
+    grad_norm = getattr(case, "grad_norm", float("nan"))  # of the first step (JAX)
     times = []
     for _ in range(args.calls):
       t = time.perf_counter()
       outputs.append(case.run())
       times.append(time.perf_counter() - t)
     if args.child_save:
-      keep = np.asarray(outputs) if task[0] == "step" else np.asarray(outputs[0], np.float32)
+      keep = (np.asarray([outputs[0], grad_norm]) if task[0] == "step"
+              else np.asarray(outputs[0], np.float32))
       np.save(f"{args.child_save}_{name}.npy", keep)
     results.append({"task": name, "seconds": times, "peak_gib": peak_memory_gib(),
                     "compile_s": getattr(case, "compile_s", None),

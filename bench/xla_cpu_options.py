@@ -96,9 +96,13 @@ def run(args) -> tuple[list[dict], dict]:
           if name in failed:
             continue
           for task in tasks.split(","):
-            ref = np.load(os.path.join(tmp, f"{names[0]}_0_{task}.npy"))
-            got = np.load(os.path.join(tmp, f"{name}_0_{task}.npy"))
-            diffs[name][task] = float(np.abs(got.astype(np.float64) - ref).max())
+            ref = np.load(os.path.join(tmp, f"{names[0]}_0_{task}.npy")).astype(np.float64)
+            got = np.load(os.path.join(tmp, f"{name}_0_{task}.npy")).astype(np.float64)
+            if task.startswith("step"):  # first loss |diff|, first gradient norm relative diff
+              diffs[name][task] = (f"{abs(got[0] - ref[0]):.2g} / "
+                                   f"{abs(got[1] - ref[1]) / abs(ref[1]):.2g}")
+            else:
+              diffs[name][task] = f"{np.abs(got - ref).max():.2g}"
   rows = []
   for name in names:
     row = {"name": name, "flags": VARIANTS[name][0] or "-", "remat": VARIANTS[name][1],
@@ -120,7 +124,8 @@ def report(args, rows: list[dict], tasks: list[str], load: tuple, command: str) 
   for t in tasks:
     label = (f"embedding b{args.embed_batch}" if t.startswith("embed")
              else f"step {args.P}x{args.K}")
-    head += [f"{label} images/s", "vs first", f"{label} peak GiB", f"{label} max diff"]
+    head += [f"{label} images/s", "vs first", f"{label} peak GiB",
+             f"{label} {'features max diff' if t.startswith('embed') else 'loss diff / grad-norm rel diff'}"]
   lines = [
       f"## XLA:CPU options and rematerialisation: RN50 step and embedding ({args.dtype})", "",
       f"Command: `{command}`  ",
@@ -132,8 +137,10 @@ def report(args, rows: list[dict], tasks: list[str], load: tuple, command: str) 
       f"{args.embed_batch} images with the mirrored copy, in a fresh process per variant and "
       f"round ({args.rounds} rounds, variants interleaved; {args.child_calls} timed call(s) after a "
       "warm-up per task and process): median images/s, ratio to the first variant, peak resident "
-      "memory of the process after the task (VmHWM), and the largest |difference| from the first "
-      "variant's features (embedding) or first two losses (step).", ""]
+      "memory of the process after the task (VmHWM), and the difference from the first variant's "
+      "results: largest |difference| of the features (embedding); |difference| of the first "
+      "step's loss and relative difference of its gradient norm (step: the same function gives "
+      "float rounding, ~1e-6).", ""]
   if not rows:
     return "\n".join(lines[:5])
   base = rows[0]
@@ -147,7 +154,7 @@ def report(args, rows: list[dict], tasks: list[str], load: tuple, command: str) 
     for t in tasks:
       ips = r[t]["images"] / r[t]["s"]
       cells += [f"{ips:.3g}", f"{ips / (base[t]['images'] / base[t]['s']):.2f}",
-                f"{r[t]['peak']:.2f}", f"{r[t]['diff']:.2g}"]
+                f"{r[t]['peak']:.2f}", r[t]["diff"]]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Flags of each variant:", ""]
   for r in rows:
@@ -204,7 +211,16 @@ def kernel_child() -> None:
         wait(fn(*args[dt]))
         best[dt] = min(best[dt], time.perf_counter() - t)
     out[name] = {dt: flop / best[dt] / 1e9 for dt in best}
+    if not os.environ.get("KERNEL_CHILD_TORCH"):  # what the compiled bfloat16 program computes in
+      out[name]["compiled"] = _kernel_dtypes(fn.lower(*args["bfloat16"]).compile().as_text())
   print(json.dumps(out))
+
+
+def _kernel_dtypes(hlo: str) -> str:
+  """Result element types of the dots and convolutions of an optimised HLO module ('f32', ...)."""
+  import re  # pylint: disable=g-import-not-at-top
+  found = sorted(set(re.findall(r"= (\w+)\[[\d,]*\](?:\{[^}]*\})? (?:dot|convolution)\(", hlo)))
+  return "+".join(found) or "?"
 
 
 def _torch_kernels(b, h, w, c, n, conv_flop):
@@ -254,18 +270,19 @@ def kernel_table(rounds: int) -> str:
         best[name] = proc.stderr.strip().splitlines()[-1][:120] if proc.stderr.strip() else "failed"
         continue
       for kernel, by_dtype in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        slot = best.setdefault(name, {}).setdefault(kernel, {})
+        slot["compiled"] = by_dtype.pop("compiled", "-")
         for dt, g in by_dtype.items():
-          slot = best.setdefault(name, {}).setdefault(kernel, {})
           slot[dt] = max(slot.get(dt, 0.0), g)
-  lines = ["| backend | kernel | float32 GFLOP/s | bfloat16 GFLOP/s | bfloat16 / float32 |",
-           "|---|---|---|---|---|"]
+  lines = ["| backend | kernel | float32 GFLOP/s | bfloat16 GFLOP/s | bfloat16 / float32 | "
+           "bfloat16 program's dot / convolution computes in |", "|---|---|---|---|---|---|"]
   for name in KERNEL_BACKENDS:
     if isinstance(best.get(name), str):
-      lines.append(f"| `{name}` | all | failed: {best[name]} | - | - |")
+      lines.append(f"| `{name}` | all | failed: {best[name]} | - | - | - |")
       continue
     for kernel, g in best[name].items():
       lines.append(f"| `{name}` | {kernel} | {g['float32']:.0f} | {g['bfloat16']:.0f} | "
-                   f"{g['bfloat16'] / g['float32']:.2f} |")
+                   f"{g['bfloat16'] / g['float32']:.2f} | {g['compiled']} |")
   return "\n".join(lines)
 
 
