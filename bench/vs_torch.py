@@ -263,9 +263,20 @@ def run_child(args) -> None:
       np.save(f"{args.child_save}_{name}.npy", keep)
     results.append({"task": name, "seconds": times, "peak_gib": peak_memory_gib(),
                     "compile_s": getattr(case, "compile_s", None),
+                    "hlo_sha1": _hlo_sha1(case),
                     "first_loss": outputs[0] if task[0] == "step" else None})
     del case, outputs
   print(json.dumps(results))
+
+
+def _hlo_sha1(case: _Case) -> str | None:
+  """Hash of a JAX case's optimised HLO (module name left out): equal hashes, same program."""
+  compiled = getattr(case, "_step", None) or getattr(case, "_fn", None)
+  if not hasattr(compiled, "as_text"):
+    return None
+  import hashlib  # pylint: disable=g-import-not-at-top
+  text = re.sub(r"^HloModule \S+", "", compiled.as_text(), flags=re.M)
+  return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def jemalloc_path() -> str | None:
