@@ -2,7 +2,7 @@
 
   python -m bench.vs_torch                      # RN50 at 288x144 (make bench-torch), BENCHMARKS.md
   python -m bench.vs_torch --sizes=2x4 --embed_batch=16 --dtypes=float32 --rounds=2 --no_write
-  python -m bench.vs_torch --model=tiny --height=64 --width=32 --embed_batch=4 --sizes=1x2 \
+  python -m bench.vs_torch --model=tiny --height=32 --width=16 --embed_batch=4 --sizes=2x2 \
       --rounds=1 --dtypes=float32 --no_memory --no_write         # seconds: what the test runs
 
 The PyTorch side (bench/torch_peer.py) is OpenAI's clip/model.py ModifiedResNet with EEES's
@@ -20,13 +20,15 @@ and the train step at each --sizes P x K (3PK images: V, Vc and R), in each of -
 the project's compute dtype option in JAX, CPU/CUDA autocast in PyTorch). Per case both are built,
 warmed up once, then timed for --rounds rounds, the frameworks alternating (the first one swaps each
 round), so both see the same load; medians are reported. Peak memory of each framework is measured
-in child processes that do one thing each (build, warm up, one timed call): ru_maxrss on a CPU, the
-device's peak bytes in use on a GPU.
+in child processes that do one thing each (build, warm up, one timed call): the peak resident set on
+a CPU (by default for the embedding in float32 and the first --sizes step in each dtype); on a GPU,
+each framework's peak device memory in the timing process.
 
 PyTorch's allocator (CPU): "shipped" is glibc malloc, what `pip install torch` gives. "jemalloc"
 preloads libjemalloc (LD_PRELOAD) with the settings of PyTorch's CPU performance guide; an allocator
-is chosen when a process starts, so those runs are child processes started once per round in the
-same alternation (their time is their own timed call, after their own warm-up). Without libjemalloc
+is chosen when a process starts, so those runs (by default the first --sizes step in each dtype)
+are child processes started once per round in the same alternation (their time is their own timed
+call, after their own warm-up). Without libjemalloc
 the column says so (Debian/Ubuntu: `apt install libjemalloc2`).
 """
 from __future__ import annotations
@@ -433,6 +435,12 @@ def precompile(keys: list[tuple], args, vision, variables) -> dict:
   return built
 
 
+def _xla_options() -> str:
+  from eees_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  opts = xla_cpu.compiler_options()
+  return json.dumps(opts) if opts else "none (jaxlib's defaults)"
+
+
 def _load(values) -> str:
   return " ".join(f"{v:.2f}" for v in values)
 
@@ -462,8 +470,9 @@ def report(args, rows: list[dict], memory: dict, parity: tuple, load: tuple, all
            f"Load average (1, 5, 15 min) before: {_load(load[0])}; after: {_load(load[1])}"
            + ("" if gpu else f" ({os.cpu_count()} cores, shared with other jobs when above 0)")
            + "  ",
-           f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; "
-           f"JAX remat: {','.join(args.remat) if args.remat else 'off'}", "",
+           f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; the project's XLA:CPU "
+           f"compile options (eees_jax/xla_cpu.py): `{_xla_options()}`; JAX remat: "
+           f"{','.join(args.remat) if args.remat else 'off'}", "",
            f"Same random weights in both (the PyTorch state dict through eees_jax.weights); "
            f"input {args.height}x{args.width}; test-time features of the same 4 images agree to "
            f"{parity[0]:.2g} (max abs difference, float32, eval mode; features of two different "
@@ -551,12 +560,14 @@ def parse_args(argv=None):
   p.add_argument("--allocators", type=_parse_list, default=None,
                  help="PyTorch allocators on a CPU: shipped (always) and jemalloc (default: "
                       "when libjemalloc is installed)")
-  p.add_argument("--jemalloc_tasks", type=_parse_list, default=["step"],
-                 help="the cases (step, embed) timed with PyTorch+jemalloc too")
+  p.add_argument("--jemalloc_cases", type=_parse_list, default=None,
+                 help="<task>:<dtype> entries timed with PyTorch+jemalloc too (default: the first "
+                      "--sizes step in every dtype)")
   p.add_argument("--no_memory", action="store_true", help="skip the peak-memory child processes")
   p.add_argument("--memory_cases", type=_parse_list, default=None,
                  help="<task>:<dtype> entries (embed64:float32, step8x4:bfloat16) to measure the "
-                      "peak memory of (default: every case)")
+                      "peak memory of (default: the embedding in float32 and the first --sizes "
+                      "step in every dtype)")
   p.add_argument("--remat", type=_parse_list, default=None,
                  help="JAX: model.vision.remat stages (stem,layer1,...,layer4; default: the config's)")
   p.add_argument("--tolerance", type=float, default=1e-3,
@@ -611,7 +622,13 @@ def main(argv=None) -> None:
   print(f"test-time features agree to {parity[0]:.3g} (max abs difference; between images: "
         f"{parity[1]:.3g})", flush=True)
   rows, memory = [], {}
-  want_memory = None if args.memory_cases is None else set(args.memory_cases)
+  first_step = ([f"step{args.sizes[0][0]}x{args.sizes[0][1]}:{d}" for d in args.dtypes]
+                if args.sizes else [])
+  want_memory = args.memory_cases
+  if want_memory is None:
+    want_memory = ([f"embed{args.embed_batch}:float32"] if args.embed_batch else []) + first_step
+  want_memory = set(want_memory)
+  want_tuned = set(first_step if args.jemalloc_cases is None else args.jemalloc_cases)
 
   def emit() -> str:
     md = report(args, rows, memory, parity, (load_before, os.getloadavg()), note, command)
@@ -625,14 +642,14 @@ def main(argv=None) -> None:
     for task in tasks:
       print(f"{_task_label(task)}, {dtype}", flush=True)
       rows.append(time_case(task, dtype, args, peer, vision, variables,
-                            tuned and task[0] in args.jemalloc_tasks,
+                            tuned and f"{_task_name(task)}:{dtype}" in want_tuned,
                             jax_case=prebuilt.pop((task, dtype), None)))
       emit()  # partial results survive an interrupted run
   if not args.no_memory and not gpu:  # on a GPU each framework's peak is measured in-process
     for dtype in args.dtypes:
       for task in tasks:
         key = (_task_name(task), dtype)
-        if want_memory is not None and f"{key[0]}:{key[1]}" not in want_memory:
+        if f"{key[0]}:{key[1]}" not in want_memory:
           continue
         memory[key] = {fw: spawn(fw, key[0], dtype, args)[0]["peak_gib"] for fw in ("jax", "torch")}
         print(f"memory {key}: {memory[key]}", flush=True)

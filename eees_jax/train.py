@@ -36,7 +36,7 @@ from tqdm import tqdm
 from data_pipelines import registry
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import ImageRecord
-from eees_jax import checkpoints, config_validation, embedding, losses, sharding, summaries
+from eees_jax import checkpoints, config_validation, embedding, losses, sharding, summaries, xla_cpu
 from eees_jax.experiment import Experiment, TrainState, build_experiment, init_experiment_state
 
 # The exit code of a run stopped by SIGTERM after saving (EX_TEMPFAIL: "try again later"): requeue.
@@ -260,7 +260,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mngr,
   step_fn = jax.jit(functools.partial(train_step, model=exp.model, text_model=exp.text_model,
                                       tx=exp.tx, loss_cfg=config.loss),
                     in_shardings=(state_sh, sharding.batch_sharded(mesh), rep),
-                    out_shardings=(state_sh, rep), donate_argnums=(0,))
+                    out_shardings=(state_sh, rep), donate_argnums=(0,),
+                    compiler_options=xla_cpu.compiler_options())
 
   P, K = config.input.P, config.input.K
   global_batch = 3 * P * K
