@@ -137,7 +137,7 @@ class JaxEmbed(_Case):
     self._x = jax.device_put(_images(batch, args.height, args.width, 1))
     self._m = jax.device_put(np.arange(batch, dtype=np.int32) % 2)
     t = time.perf_counter()
-    self._fn = embedding.test_feature_fn(model.eees, flip=True).lower(
+    self._fn = self.compiled = embedding.test_feature_fn(model.eees, flip=True).lower(
         self._vars, self._x, self._m).compile()
     self.compile_s = time.perf_counter() - t
     self.images = batch
@@ -175,6 +175,7 @@ class JaxStep(_Case):
     cfg = jax_config(vision, args.height, args.width, P, K, dtype, args.remat)
     self._step, self._state, self._batch, self._text, self.compile_s = train_step.build_step(
         cfg, P, K, NUM_CLASSES, variables=variables)
+    self.compiled = self._step
     self._batch = dict(self._batch, images=jax.device_put(_step_images(P, K, args)))
     self.images = 3 * P * K
 
@@ -273,8 +274,8 @@ def run_child(args) -> None:
 
 def _hlo_sha1(case: _Case) -> str | None:
   """Hash of a JAX case's optimised HLO (module name left out): equal hashes, same program."""
-  compiled = getattr(case, "_step", None) or getattr(case, "_fn", None)
-  if not hasattr(compiled, "as_text"):
+  compiled = getattr(case, "compiled", None)
+  if compiled is None:
     return None
   import hashlib  # pylint: disable=g-import-not-at-top
   text = re.sub(r"^HloModule \S+", "", compiled.as_text(), flags=re.M)
@@ -379,15 +380,16 @@ def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: boo
               jax_case: _Case | None = None) -> dict:
   """Builds both (or takes the JAX side prebuilt), warms up, then --rounds alternating rounds; per
   round also one jemalloc child when `tuned`. Returns the case's figures; on a GPU with each
-  framework's peak device memory (PyTorch's of this case; JAX's of the process so far: XLA's
-  allocator keeps no resettable peak)."""
+  framework's device memory: PyTorch's peak over the timed calls (after the warm-up, whose cuDNN
+  autotuning tries large workspaces), JAX's the compiled program's arguments, outputs and
+  temporaries (XLA's allocator keeps one process-wide peak, autotuning included)."""
   gpu = device_kind() == "gpu"
-  if gpu:
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.cuda.reset_peak_memory_stats()
   cases = {"jax": jax_case or make_case("jax", task, dtype, args, peer, vision, variables),
            "torch": make_case("torch", task, dtype, args, peer, vision, variables)}
   first = {name: case.warmup() for name, case in cases.items()}
+  if gpu:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.reset_peak_memory_stats()
   times = {name: [] for name in cases}
   tuned_runs = []
   for r in range(args.rounds):
@@ -413,9 +415,9 @@ def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: boo
     out["tuned_peak_gib"] = max(r["peak_gib"] for r in tuned_runs)
   out["jax_compile_s"] = getattr(cases["jax"], "compile_s", None)
   if gpu:
-    import jax  # pylint: disable=g-import-not-at-top
-    stats = jax.devices()[0].memory_stats() or {}
-    out["jax_peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+    ma = cases["jax"].compiled.memory_analysis()
+    out["jax_peak_gib"] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
+                           - ma.alias_size_in_bytes + ma.temp_size_in_bytes) / 2 ** 30
     out["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
   del cases
   return out
@@ -501,10 +503,11 @@ def report(args, rows: list[dict], memory: dict, parity: tuple, load: tuple, all
               for r in rows if "jax_peak_gib" in r}
   if memory or has_tuned:
     if gpu:
-      what = ("Memory: peak GPU memory in use (GiB), measured in the timing process: PyTorch's "
-              "of the case (torch.cuda.max_memory_allocated); JAX's the process's peak so far "
-              "(XLA's allocator has no resettable peak, so a case shows the largest of the cases "
-              "run before it).")
+      what = ("Memory: GPU memory of each case (GiB), in the timing process: PyTorch's peak "
+              "over the timed calls (torch.cuda.max_memory_allocated, reset after the warm-up, "
+              "whose cuDNN autotuning tries large workspaces); JAX's compiled program's "
+              "arguments, outputs and temporaries (memory_analysis; XLA's allocator keeps only a "
+              "process-wide peak, its autotuning included).")
     else:
       what = ("Memory: peak resident set (VmHWM, GiB) of a child process that builds one "
               "framework's case (both frameworks are imported in each: the weights come from the "

@@ -34,8 +34,8 @@ _YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_c
 # defaults.
 VARIANTS = {
     "jaxlib": ("", None, "jaxlib's defaults: convolutions and matmuls in YNNPACK fusions"),
-    "project": ("", None, "the project's defaults (eees_jax/xla_cpu.py): Eigen convolutions and "
-                          "matmuls, memory-optimised schedule"),
+    "project": ("", None, "the project's defaults (eees_jax/xla_cpu.py, train step only): Eigen "
+                          "convolutions and matmuls, memory-optimised schedule"),
     "eigen": (_YNN_OFF, None, "no YNNPACK: convolutions and matmuls on XLA's Eigen runtime"),
     "eigen_conv": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", None,
                    "Eigen convolutions, YNNPACK matmuls"),

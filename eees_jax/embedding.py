@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import ImageRecord
-from eees_jax import sharding, xla_cpu
+from eees_jax import sharding
 from eees_jax.models import eees as eees_lib
 
 ImageFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -26,10 +26,11 @@ ImageFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 def test_feature_fn(model: eees_lib.EEES, flip: bool) -> ImageFn:
   """jit(variables, images uint8 [B, H, W, 3], modality int32 [B]) -> [B, D] test-time features
   (SPEC section 1: concat(l2(BN f), l2(v)), and the same of the mirrored image with `flip`)."""
+  @jax.jit
   def embed(variables, images, modality):
     x = normalize(images, CLIP_MEAN, CLIP_STD)
     return model.apply(variables, x, modality, flip=flip, method=eees_lib.EEES.embed)
-  return jax.jit(embed, compiler_options=xla_cpu.compiler_options())
+  return embed
 
 
 def joint_feature_fn(model: eees_lib.EEES) -> ImageFn:

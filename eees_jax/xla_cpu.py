@@ -1,16 +1,19 @@
-"""XLA:CPU compile options for the project's train step and test-time feature (the CPU defaults).
+"""XLA:CPU compile options for the project's train step (the CPU defaults).
 
 With the pinned jaxlib (0.10.2) XLA:CPU hands convolutions and matmuls to YNNPACK by default. On the
 AVX-512 CPU the project was measured on, YNNPACK's 3x3 convolutions ran at about half the speed of
 XLA's Eigen path (forward and backward), and the RN50 train step was about 10% faster with both on
-Eigen; the memory-optimised HLO schedule lowers the step's buffers (13.4 -> 12.4 GiB at P=8 K=4)
-at the same speed. Both compute the same function (results differ by float rounding): BENCHMARKS.md,
-sections `xla_cpu_options_float32` and `vs_torch`; `python -m bench.xla_cpu_options` measures them.
+Eigen; the memory-optimised HLO schedule lowers the step's buffers (13.4 -> 11.8 GiB with both, at
+P=8 K=4) at the same speed. Both compute the same function (results differ by float rounding):
+BENCHMARKS.md, sections `xla_cpu_options_float32` and `vs_torch`; `python -m bench.xla_cpu_options`
+measures them.
 
 They are passed per compilation (`jax.jit(..., compiler_options=compiler_options())`), not through
-XLA_FLAGS: TensorFlow's own XLA reads XLA_FLAGS too and stops on option names it does not know.
-They apply only to the CPU backend and only with the jaxlib they were measured on (option names
-change between releases); EEES_JAX_XLA_CPU_DEFAULTS=0 turns them off.
+XLA_FLAGS: TensorFlow's own XLA reads XLA_FLAGS too and stops on option names it does not know. So
+they need a top-level jit: the trainer's step has one; the test-time feature, which export nests in
+its own jit, keeps jaxlib's defaults (3-5% slower there; evaluation and inference stay one
+program). They apply only to the CPU backend and only with the jaxlib they were measured on (option
+names change between releases); EEES_JAX_XLA_CPU_DEFAULTS=0 turns them off.
 """
 from __future__ import annotations
 
