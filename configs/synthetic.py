@@ -56,4 +56,5 @@ def get_config():
   c.train.checkpoint_every_steps = 200
   c.train.eval_every_epochs = 0   # only at the end: the demo's time budget
   c.eval.trials = 10
+  c.eval.text_retrieval = True   # every image has a caption: the text-search rows in the report
   return c
