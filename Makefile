@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/synthetic
 
-.PHONY: test demo venv venv-test clean
+.PHONY: test demo venv venv-test bench-torch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: venv-test
 
 demo: venv
 	$(BIN)/python -m eees_jax.main --config=configs/synthetic.py --workdir=$(WORKDIR)
+
+# JAX against PyTorch on the same RN50 model (bench/vs_torch.py; PyTorch from the test extras).
+# About 20 minutes on 2 CPU cores; writes its section of BENCHMARKS.md.
+bench-torch: venv-test
+	$(BIN)/python -m bench.vs_torch $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

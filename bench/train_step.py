@@ -153,14 +153,28 @@ def build(model_name: str, P: int, K: int, dtype: str, num_classes: int = 395):
   """
   cfg = _config(model_name)
   cfg.model.dtype = dtype
+  return build_step(cfg, P, K, num_classes)
+
+
+def build_step(cfg, P: int, K: int, num_classes: int = 395, variables: dict | None = None,
+               seed: int = 0):
+  """The trainer's jitted step (donated state) for config `cfg`, compiled for a batch of 3PK random
+  uint8 images (V, Vc, R: labels repeated per view, modality 0, 0, 1) and random frozen description
+  features; `variables` ({'params', 'batch_stats'} of the EEES module) replaces the fresh model.
+
+  Returns (compiled, state, batch, text, compile_s).
+  """
   cfg.text.trainable = False  # frozen description features, as the real recipe
   h, w = cfg.input.height, cfg.input.width
   n = 3 * P * K
   model = experiment.build_model(experiment.model_spec(cfg, num_classes, pretrained=None))
   tx, _ = experiment.make_optimizer(cfg, model, steps_per_epoch=100)
-  state = experiment.init_state(cfg, model, tx, pretrained=None)
+  if variables is None:
+    state = experiment.init_state(cfg, model, tx, pretrained=None)
+  else:
+    state = state_from_variables(cfg, model, tx, variables)
   dim = cfg.model.text.embed_dim
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   labels = np.tile(np.repeat(np.arange(P), K), 3).astype(np.int32)
   batch = {"images": jnp.asarray(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)),
            "labels": jnp.asarray(labels),
@@ -176,12 +190,38 @@ def build(model_name: str, P: int, K: int, dtype: str, num_classes: int = 395):
   return compiled, state, batch, text, compile_s
 
 
+def state_from_variables(cfg, model: experiment.Model, tx, variables: dict) -> experiment.TrainState:
+  """A fresh train state whose EEES module holds `variables` ({'params', 'batch_stats'}: the tree
+  and shapes of the model's, else ValueError naming the difference), without running the model's
+  initialiser (its structure comes from jax.eval_shape)."""
+  abstract = jax.eval_shape(lambda: experiment.init_state(cfg, model, tx, pretrained=None))
+  if set(abstract.params) != {"model"}:
+    raise ValueError(f"parameters besides the model's ({sorted(abstract.params)}): the config has "
+                     "a trainable text tower or pair projection, which `variables` cannot fill")
+
+  def check(what, new, old):
+    if jax.tree.structure(new) != jax.tree.structure(old):
+      raise ValueError(f"{what}: tree differs from the model's: {jax.tree.structure(new)} vs "
+                       f"{jax.tree.structure(old)}")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(new)[0], jax.tree.leaves(old)):
+      if np.shape(a) != b.shape:
+        raise ValueError(f"{what}{jax.tree_util.keystr(path)}: shape {np.shape(a)}, the model "
+                         f"has {b.shape}")
+    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, old)
+  params = {"model": check("params", variables["params"], abstract.params["model"])}
+  stats = check("batch_stats", variables["batch_stats"], abstract.batch_stats)
+  # The step draws no random numbers from rng; it is only carried along.
+  return experiment.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                               opt_state=tx.init(params), rng=jax.random.PRNGKey(cfg.seed))
+
+
 def measure(model_name: str, P: int, K: int, dtype: str, steps: int,
-            num_classes: int = 395) -> dict:
-  """Compiles the step, runs one warm-up and `steps` timed steps; returns the figures."""
+            num_classes: int = 395, built: tuple | None = None) -> dict:
+  """Compiles the step (or takes `built`, what build() returns), runs one warm-up and `steps`
+  timed steps; returns the figures."""
   cfg = _config(model_name)
   n = 3 * P * K
-  compiled, state, batch, text, compile_s = build(model_name, P, K, dtype, num_classes)
+  compiled, state, batch, text, compile_s = built or build(model_name, P, K, dtype, num_classes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan")))
@@ -240,15 +280,26 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="device peak TFLOP/s for the dtype; adds an MFU column")
+  p.add_argument("--compile_parallel", action="store_true",
+                 help="compile every --sweep shape at once in threads before timing any (an "
+                      "accelerator's compiles take about a minute each; the compile column then "
+                      "shows each one's wall time under that sharing)")
   p.add_argument("--matmul_n", type=int, default=None,
                  help="side of the reference matmul (default 2048 on CPU, 8192 on accelerators)")
   args = p.parse_args()
   n = args.matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
   ref = matmul_gflops(n)
   shapes = args.sweep or [(args.P, args.K)]
+  prebuilt = {}
+  if args.compile_parallel and len(shapes) > 1:
+    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
+    with ThreadPoolExecutor(max_workers=len(shapes)) as pool:
+      futures = {pk: pool.submit(build, args.model, pk[0], pk[1], args.dtype) for pk in shapes}
+      prebuilt = {pk: f.result() for pk, f in futures.items()}
   rows = []
   for P, K in shapes:
-    rows.append(_row(measure(args.model, P, K, args.dtype, args.steps), ref, args.peak_tflops))
+    rows.append(_row(measure(args.model, P, K, args.dtype, args.steps,
+                             built=prebuilt.pop((P, K), None)), ref, args.peak_tflops))
     print(rows[-1], flush=True)
   cols = list(_COLUMNS) + (["MFU"] if args.peak_tflops else []) + ["peak RSS (GiB)"]
   flags = f"--model={args.model} --dtype={args.dtype} --steps={args.steps}"
@@ -262,6 +313,8 @@ def main() -> None:
                    f"Train step: {args.model}, P={args.P} K={args.K}, {args.dtype}")
   if jax.default_backend() != "cpu":  # Accelerator rows get their own sections beside the CPU ones.
     name += f"_{jax.default_backend()}"
+  if args.compile_parallel:
+    flags += " --compile_parallel"
   if args.peak_tflops:
     flags += f" --peak_tflops={args.peak_tflops:g}"
   if args.matmul_n:

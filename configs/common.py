@@ -45,7 +45,10 @@ def rn50_vision() -> ml_collections.ConfigDict:
   """CLIP RN50 image tower with the EEES changes (two stems, last stride 1)."""
   return ml_collections.ConfigDict(dict(
       kind="resnet", layers=(3, 4, 6, 3), width=64, output_dim=1024, heads=32,
-      pos_grid=7, last_stride=1, interpolation="bicubic", num_modalities=2))
+      pos_grid=7, last_stride=1, interpolation="bicubic", num_modalities=2,
+      # Stages recomputed in the backward pass instead of stored (stem, layer1..layer4): less
+      # memory, more compute, same function (eees_jax/models/clip_resnet.py, BENCHMARKS.md).
+      remat=()))
 
 
 def clip_text_tower(embed_dim: int = 1024) -> ml_collections.ConfigDict:

@@ -16,6 +16,8 @@ from typing import Any
 DTYPES = ("float32", "bfloat16", "float16")          # model.dtype: the compute dtype
 TOWERS = ("vision", "text")                          # model.init.load
 VISION_KINDS = ("resnet", "vit")
+# model.vision.remat (ResNet): eees_jax.models.clip_resnet.REMAT_STAGES, which a test keeps equal.
+REMAT_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 INTERPOLATIONS = ("bicubic", "bilinear")             # positional-embedding resizing
 CMSP_INTRA = ("mean", "hardest")
 DISTANCES = ("euclidean", "cosine")
@@ -29,11 +31,12 @@ _MISSING = object()
 RESULT_NEUTRAL = ("input.threads", "input.cache_decoded", "train.log_every_steps")
 # What a resumed run may also change: none of it changes the steps already taken. Where the run
 # stops (epochs, max_steps), how often it saves or evaluates, what and how the evaluation reports,
-# and how the state is placed on the devices (FSDP or not; the device count changes float rounding
-# only). A key ending in "." covers its whole section.
+# how the state is placed on the devices (FSDP or not; the device count changes float rounding
+# only) and which ResNet stages are recomputed in the backward pass (model.vision.remat: the same
+# function, float rounding at most). A key ending in "." covers its whole section.
 RESUME_NEUTRAL = RESULT_NEUTRAL + (
     "train.epochs", "train.max_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
-    "train.eval_every_epochs", "input.eval_batch_size", "eval.", "mesh.")
+    "train.eval_every_epochs", "input.eval_batch_size", "eval.", "mesh.", "model.vision.remat")
 
 
 class ConfigError(ValueError):
@@ -241,6 +244,10 @@ def _model(c: _Checker) -> None:
     for key in ("width", "output_dim", "heads", "pos_grid"):
       c.integer(f"model.vision.{key}", 1)
     c.one_of("model.vision.last_stride", (1, 2))
+    if c.get("model.vision.remat", None) is not None:
+      c.check("model.vision.remat", lambda v: _tuple_of(lambda x: x in REMAT_STAGES)(v)
+              and len(set(v)) == len(v),
+              "a tuple of distinct stages out of " + ", ".join(REMAT_STAGES) + " (() for none)")
   for key in ("vocab_size", "context_length", "width", "heads", "layers", "embed_dim"):
     c.integer(f"model.text.{key}", 1)
   width, heads = c.get("model.text.width", None), c.get("model.text.heads", None)

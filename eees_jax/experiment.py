@@ -10,7 +10,8 @@ Data side (training only): `load_train_data` reads the training records and thei
 `text_arrays` tokenises the descriptions into what the train step reads (frozen-tower features,
 cached in the workdir, or tokens for a trainable tower). `build_experiment` assembles everything a
 training run needs. The data side imports the data set readers only when it runs, so inference and
-bench/, which import this module for the model side, load no training-data code.
+bench/, which import this module for the model side, load no training-data code (nor the
+tokenizer's packages: bench/ runs on accelerator hosts with only JAX's).
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from data_pipelines.records import TrainSet
 from eees_jax import config_validation, losses, optim, sharding
 from eees_jax import weights as weights_lib
 from eees_jax.models import eees as eees_lib
-from eees_jax.models import tokenizer as tokenizer_lib
 from eees_jax.models import towers
 
 def compute_dtype(name: str) -> Any:
@@ -97,7 +97,7 @@ def load_pretrained(config: ml_collections.ConfigDict) -> weights_lib.CLIPWeight
 
 # Options that do not change a tower's parameters: they come from the experiment config even when
 # the architecture comes from a checkpoint.
-_VISION_RUNTIME_OPTIONS = {"resnet": ("last_stride", "interpolation", "num_modalities"),
+_VISION_RUNTIME_OPTIONS = {"resnet": ("last_stride", "interpolation", "num_modalities", "remat"),
                            "vit": ("patch_stride", "interpolation", "num_modalities")}
 
 
@@ -223,6 +223,7 @@ def text_arrays(config: ml_collections.ConfigDict, workdir: str, data: TrainData
   (record -> distinct text) and either "tokens" (trainable tower) or "features" (the frozen tower
   `text_params`, embedded once and cached in the workdir)."""
   from eees_jax import text_features  # pylint: disable=g-import-not-at-top (module doc)
+  from eees_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
                                             context_length=spec.text["context_length"])
   tokens, index = text_features.unique_tokens(data.texts, tokenizer.tokenize)

@@ -25,6 +25,9 @@ Additions for visible-infrared re-identification:
   288x144 with last stride 1).
 - 1x1 convolutions run as matmuls over channels (layers.Conv / conv2d), which XLA:CPU executes
   3-4x faster than its 1x1 convolution path, forward and backward; variables are unchanged.
+- remat: stages ('stem', 'layer1'..'layer4') whose activations are recomputed in the backward pass
+  instead of kept from the forward (jax.checkpoint on the stem and on each bottleneck block of a
+  named layer: only block inputs are kept). Less memory for more compute; the same function.
 
 Variables (names mirror clip/model.py; eees_jax/weights/openai.py converts OpenAI / open_clip state
 dicts):
@@ -49,6 +52,7 @@ from eees_jax.models import layers as L
 
 Dtype = Any
 EXPANSION = 4
+REMAT_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
 def _avg_pool(x: jax.Array, s: int) -> jax.Array:
@@ -216,7 +220,8 @@ class ModifiedResNet(nn.Module):
 
   layers: blocks per stage; width: stem width (stage widths are 1, 2, 4, 8 x width, times 4 out);
   output_dim / heads: attention pool; pos_grid: stored positional-embedding grid (CLIP:
-  input_resolution // 32); last_stride: layer4 stride; interpolation: 'bicubic' | 'bilinear'.
+  input_resolution // 32); last_stride: layer4 stride; interpolation: 'bicubic' | 'bilinear';
+  remat: stages recomputed in the backward pass (module doc), any of REMAT_STAGES.
   """
   layers: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
@@ -226,6 +231,7 @@ class ModifiedResNet(nn.Module):
   num_modalities: int = 2
   last_stride: int = 2
   interpolation: str = "bicubic"
+  remat: Sequence[str] = ()
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -246,17 +252,23 @@ class ModifiedResNet(nn.Module):
       raise ValueError(f"layers must have 4 entries, got {self.layers}")
     if self.last_stride not in (1, 2):
       raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+    unknown = sorted(set(self.remat) - set(REMAT_STAGES))
+    if unknown:
+      raise ValueError(f"remat: unknown stage(s) {unknown}; choose from {', '.join(REMAT_STAGES)}")
+    # static_argnums counts self: (x, modality, modality_counts) are 1, 2, 3.
+    stem_cls = nn.remat(ResNetStem, static_argnums=(3,)) if "stem" in self.remat else ResNetStem
     x = jnp.asarray(x, self.dtype)
-    x = ResNetStem(self.width, self.num_modalities, train=train, bn_momentum=self.bn_momentum,
+    x = stem_cls(self.width, self.num_modalities, train=train, bn_momentum=self.bn_momentum,
                    bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                    name="stem")(x, modality, modality_counts)
 
-    block = functools.partial(Bottleneck, train=train, bn_momentum=self.bn_momentum,
-                              bn_epsilon=self.bn_epsilon, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
     strides = (1, 2, 2, self.last_stride)
     for stage, (blocks, stride) in enumerate(zip(self.layers, strides)):
       planes = self.width * 2 ** stage
+      block_cls = nn.remat(Bottleneck) if f"layer{stage + 1}" in self.remat else Bottleneck
+      block = functools.partial(block_cls, train=train, bn_momentum=self.bn_momentum,
+                                bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+                                param_dtype=self.param_dtype)
       for i in range(blocks):
         x = block(planes, stride if i == 0 else 1, name=f"layer{stage + 1}_{i}")(x)
     pooled = AttentionPool2d(self.pos_grid, self.heads, self.output_dim,
