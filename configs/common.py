@@ -139,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
       rerank=dict(enabled=False, k1=20, k2=6, lambda_value=0.3),
       ranked_list_queries=8,
       best_metric="mAP",
+      # Text-to-person rows in the final report (SYSU-MM01 layout; needs a description of every
+      # visible test image): text -> infrared, text -> visible, infrared + text -> visible.
+      text_retrieval=False,
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

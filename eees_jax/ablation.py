@@ -20,7 +20,10 @@ ids, which is how the synthetic config was tuned. `--splits` (data sets with per
 RegDB) trains or reuses one run per split and reports each row and seed as the mean over the
 splits (also written as <workdir>/<row>/seed<s>/report/results.md, with every split's numbers).
 The table (mean, standard deviation and range over seeds, for the data set's settings as
-data_pipelines.registry names them) goes to <workdir>/ablation.md/.json.
+data_pipelines.registry names them) goes to <workdir>/ablation.md/.json. Runs with
+config.eval.text_retrieval (`--set=eval.text_retrieval=True`) add a second table of their
+text-to-person rows (eees_jax.evaluation.text_retrieval), with what ties each row's joint feature to
+text: baseline against +ESE is what ESE adds to searching people by sentence.
 
 Preemption: a run that exits with eees_jax.train.PREEMPTED_EXIT_CODE (it saved after a SIGTERM) is
 resumed by launching the same command again. A SIGTERM to the ablation itself is passed on to the
@@ -47,7 +50,7 @@ from ml_collections import config_flags
 from configs.common import ABLATION_ROWS
 from data_pipelines import registry
 from eees_jax import config_validation
-from eees_jax.evaluation import protocols, report
+from eees_jax.evaluation import protocols, report, text_retrieval
 from eees_jax.train import PREEMPTED_EXIT_CODE
 
 _CONFIG = flags.DEFINE_string("config", "configs/synthetic.py", "Experiment config file.")
@@ -266,14 +269,23 @@ def _run_one(cmd: list[str], workdir: str, env: dict) -> dict:
     return json.load(f)
 
 
-def summarise(results: dict[str, dict[int, dict]], settings: Sequence[str]) -> dict:
-  """{row: {setting: {metric: {mean, std, min, max, n}}}} over seeds; std is the sample std."""
+def _section(result: dict, section: str | None) -> dict:
+  """The settings of a run's results (section None), or of its results[section] (absent: none)."""
+  part = result if section is None else result.get(section) or {}
+  return part.get("settings", {})
+
+
+def summarise(results: dict[str, dict[int, dict]], settings: Sequence[str],
+              section: str | None = None) -> dict:
+  """{row: {setting: {metric: {mean, std, min, max, n}}}} over seeds; std is the sample std.
+  section: summarise results[section]["settings"] (e.g. "text_retrieval") instead of the image
+  protocol's settings."""
   table = {}
   for row, by_seed in results.items():
     table[row] = {}
     for setting in settings:
-      values = {m: [r["settings"][setting]["mean"][m] for r in by_seed.values()
-                    if setting in r["settings"]] for m in METRICS}
+      values = {m: [_section(r, section)[setting]["mean"][m] for r in by_seed.values()
+                    if setting in _section(r, section)] for m in METRICS}
       table[row][setting] = {
           m: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
               "min": min(v), "max": max(v), "n": len(v)} for m, v in values.items() if v}
@@ -296,6 +308,27 @@ def markdown(table: dict, settings: Sequence[str], title: str, note: str = "") -
   lines += ["", f"Mean ± sample standard deviation (range) over {'/'.join(map(str, sorted(n)))} "
             f"seeds, in percent.{(' ' + note) if note else ''}"]
   return "\n".join(lines) + "\n"
+
+
+def text_columns(results: dict[str, dict[int, dict]], config) -> tuple[list[str], dict]:
+  """(settings, table) of the runs' text-to-person rows; ([], {}) when no run has them."""
+  if not any(r.get("text_retrieval") for by_seed in results.values() for r in by_seed.values()):
+    return [], {}
+  settings = text_retrieval.setting_names(tuple(config.eval.modes))
+  return settings, summarise(results, settings, section="text_retrieval")
+
+
+def text_note(results: dict[str, dict[int, dict]]) -> str:
+  """Under the text table: where the queries come from, and what ties each row's joint feature to
+  text (from its runs' reports; a row without text rows is said to have none)."""
+  rows = []
+  for row, by_seed in results.items():
+    notes = sorted({r["text_retrieval"]["alignment"]["note"] for r in by_seed.values()
+                    if r.get("text_retrieval")})
+    rows.append(f"{row}: {'; '.join(notes) if notes else 'no text rows (eval.text_retrieval off)'}.")
+  return (f"Queries: {text_retrieval.QUERY_SOURCE} (captions of test identities, never seen in "
+          "training); each run's report/results.md describes the protocol. Text alignment per row: "
+          + " ".join(rows))
 
 
 def _split_range(splits: Sequence[int]) -> str:
@@ -352,6 +385,10 @@ def run_table(config_path: str, root: str, rows: Sequence[str], seeds: Sequence[
   note = (f"Each seed's value is the mean over {spec.title} splits {_split_range(splits)} "
           "(one model per split)." if splits else "")
   md = markdown(table, settings, title, note)
+  text_settings, text_table = text_columns(results, first)
+  if text_table:
+    md += "\n" + markdown(text_table, text_settings, f"{text_retrieval.SECTION_TITLE}, {what}",
+                          text_note(results))
   with open(os.path.join(root, "ablation.md"), "w") as f:
     f.write(md)
   with open(os.path.join(root, "ablation.json"), "w") as f:
@@ -359,7 +396,8 @@ def run_table(config_path: str, root: str, rows: Sequence[str], seeds: Sequence[
                "holdout": holdout, "seeds": list(seeds), "splits": list(splits),
                "settings": settings,
                "commands": {os.path.relpath(r.workdir, root): r.command[1:] for r in runs},
-               "table": table}, f, indent=1)
+               "table": table, "text_settings": text_settings, "text_table": text_table}, f,
+              indent=1)
   print(md)
   return table
 

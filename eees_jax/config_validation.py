@@ -364,4 +364,8 @@ def _eval(c: _Checker, spec) -> None:
   c.number("eval.rerank.lambda_value", 0.0, hi=1.0)
   c.integer("eval.ranked_list_queries", 0)
   c.one_of("eval.best_metric", tuple(f"rank{k}" for k in protocols.RANKS) + ("mAP", "mINP"))
+  text = c.boolean("eval.text_retrieval")
+  if text is True and spec is not None and spec.protocol != "sysu":
+    c.bad("eval.text_retrieval", text, f"False for {title}: text-to-person retrieval is scored on "
+          "data sets in the SYSU-MM01 layout (sysu, synthetic)")
 

@@ -45,6 +45,8 @@ _PROBES = {
                                               "boots": "A person wearing boots."}, "shoes"),
     "bag": ((VISIBLE, INFRARED), lambda p: {"backpack": "A person carrying a backpack.",
                                             "handbag": "A person carrying a handbag."}, "bag"),
+    "headwear": ((VISIBLE, INFRARED), lambda p: {"cap": "A person wearing a cap.",
+                                                 "beanie": "A person wearing a beanie."}, "headwear"),
     "upper": ((VISIBLE,), None, "upper_colour"),
     "lower": ((VISIBLE,), None, "lower_colour"),
 }

@@ -35,9 +35,11 @@ from tqdm import tqdm
 
 from data_pipelines import registry
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
-from data_pipelines.records import ImageRecord
+from data_pipelines.records import VISIBLE, DatasetError, ImageRecord
 from eees_jax import checkpoints, config_validation, embedding, losses, sharding, summaries, xla_cpu
 from eees_jax.experiment import Experiment, TrainState, build_experiment, init_experiment_state
+from eees_jax.models import eees as eees_lib
+from eees_jax.models import tokenizer as tokenizer_lib
 
 # The exit code of a run stopped by SIGTERM after saving (EX_TEMPFAIL: "try again later"): requeue.
 PREEMPTED_EXIT_CODE = 75
@@ -109,11 +111,75 @@ def make_extract(exp: Experiment, state: TrainState, *, progress: bool = False,
       before_batch=before_batch)
 
 
+def eval_captions(config: ml_collections.ConfigDict, records: list[ImageRecord]) -> dict[str, str]:
+  """Image path -> description of every visible test record: the text queries of the text-to-person
+  rows (config.eval.text_retrieval). DatasetError naming the images that have none."""
+  # pylint: disable=g-import-not-at-top (the description reader: only with text retrieval on)
+  from data_pipelines import datasets, descriptions as descriptions_lib
+  visible = [r for r in records if r.modality == VISIBLE]
+  try:
+    texts = descriptions_lib.load_descriptions(datasets.descriptions_path(config.dataset), visible,
+                                               field=config.dataset.description_field)
+  except DatasetError as e:
+    raise DatasetError(
+        f"config.eval.text_retrieval=True scores held-out captions of the visible test images, "
+        f"which needs a description of each: {e}\nDescribe the test images too (python -m "
+        "eees_jax.describe --splits=train,test; docs/describe.md), or set "
+        "--config.eval.text_retrieval=False.") from None
+  return {r.path: t for r, t in zip(visible, texts)}
+
+
+def _text_embedder(exp: Experiment, state: TrainState):
+  """embed_text(sentences) -> unit text features [n, D] of the run's text tower (the trained one in
+  the state, or the frozen one), tokenised as in training; runs on this process's first device."""
+  cfg = exp.config
+  params = state.params["text"] if exp.text_model is not None else exp.text_params
+  # Gathered (it may be split over hosts with FSDP), then placed whole on one local device.
+  params = jax.device_put(sharding.to_host(params), jax.local_devices()[0])
+  tokenizer = tokenizer_lib.build_tokenizer(cfg.text.tokenizer,
+                                            context_length=exp.spec.text["context_length"])
+  tower = exp.text_tower
+
+  def unit_text(p, tokens):
+    return eees_lib.l2_normalize(tower.apply({"params": p}, tokens).astype(jnp.float32))
+
+  def embed_text(sentences):
+    return embedding.embed_tokens(unit_text, params, tokenizer.tokenize(list(sentences)),
+                                  cfg.text.embed_batch_size, desc="embedding test captions")
+  return embed_text
+
+
+def text_retrieval_rows(exp: Experiment, state: TrainState, extract: embedding.RecordExtractor,
+                        records: list[ImageRecord]) -> dict:
+  """The text-to-person settings (eees_jax.evaluation.text_retrieval) of the state's model,
+  labelled as extra report rows. Image joint features are the l2(v) block of the test-time
+  features `extract` computes for the image protocol (no second pass over images already seen);
+  every process must call it (extraction is a collective)."""
+  from eees_jax.evaluation import text_retrieval  # pylint: disable=g-import-not-at-top
+  cfg = exp.config
+  joint_dim = int(exp.text_tower.embed_dim)
+
+  def joint(recs):
+    feats = extract(recs)  # [n, 2 (Df + Dv)] with flip: l2(BN f), l2(v), then the mirror's
+    per_view = feats.shape[1] // 2 if cfg.eval.flip else feats.shape[1]
+    return feats[:, per_view - joint_dim:per_view]
+
+  results = text_retrieval.evaluate_text_retrieval(
+      joint, _text_embedder(exp, state), records, eval_captions(cfg, records),
+      modes=tuple(cfg.eval.modes), trials=cfg.eval.trials,
+      dataset=registry.get(cfg.dataset.name).title)
+  extra = ("" if cfg.eval.gallery_source == "random" else
+           "The image rows draw their galleries from exp/rand_perm_cam.mat; these rows use the AGW "
+           "draws.")
+  return text_retrieval.report_section(results, cfg, extra)
+
+
 def evaluate(exp: Experiment, state: TrainState, out_dir: str | None, *,
              records: list[ImageRecord] | None = None, before_batch=None,
-             notes: str | None = None) -> dict:
-  """Runs the data set's protocol; writes the report (JSON, markdown, plots, ranked list) into
-  `out_dir` (process 0). Every process must call it: feature extraction is a collective.
+             notes: str | None = None, text: bool = False) -> dict:
+  """Runs the data set's protocol and, with `text`, the text-to-person settings (results
+  ["text_retrieval"]); writes the report (JSON, markdown, plots, ranked list) into `out_dir`
+  (process 0). Every process must call it: feature extraction is a collective.
   Prints how long feature extraction and scoring took."""
   from eees_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   cfg = exp.config
@@ -122,6 +188,8 @@ def evaluate(exp: Experiment, state: TrainState, out_dir: str | None, *,
   start = time.perf_counter()
   records = registry.test_records(cfg) if records is None else records
   results = registry.evaluate(extract, cfg, progress=is_main, records=records)
+  if text:
+    results["text_retrieval"] = text_retrieval_rows(exp, state, extract, records)
   scoring = time.perf_counter() - start - extract.seconds
   if out_dir and is_main:
     report.write_report(results, out_dir, title=registry.report_title(cfg), notes=notes)
@@ -131,7 +199,8 @@ def evaluate(exp: Experiment, state: TrainState, out_dir: str | None, *,
   if is_main:
     rate = extract.images / max(extract.seconds, 1e-9)
     tqdm.write(f"evaluation: features of {extract.images} images in {extract.seconds:.1f} s "
-               f"({rate:.1f} images/s), scoring in {scoring:.1f} s")
+               f"({rate:.1f} images/s), scoring{' (text rows included)' if text else ''} in "
+               f"{scoring:.1f} s")
   return results
 
 
@@ -147,6 +216,12 @@ def check_evaluation_inputs(config: ml_collections.ConfigDict) -> list[ImageReco
   dry.eval.rerank.enabled = False  # the ranking rules are checked without its cost
   registry.evaluate(lambda recs: rng.standard_normal((len(recs), 8)).astype(np.float32), dry,
                     records=records)
+  if config.eval.text_retrieval:  # every visible test image has a caption; the settings run
+    from eees_jax.evaluation import text_retrieval  # pylint: disable=g-import-not-at-top
+    placeholder = lambda items: rng.standard_normal((len(items), 8)).astype(np.float32)  # pylint: disable=unnecessary-lambda-assignment
+    text_retrieval.evaluate_text_retrieval(placeholder, placeholder, records,
+                                           eval_captions(config, records),
+                                           modes=tuple(config.eval.modes), trials=1)
   batches = input_pipeline.eval_dataset(
       registry.eval_images(config.dataset), records, height=config.input.height,
       width=config.input.width, batch_size=256, threads=config.input.threads or None)
@@ -355,7 +430,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mngr,
     try:
       results = evaluate(exp, state, os.fspath(checkpoints.path(workdir, "report")),
                          records=test_records, before_batch=preemption.check,
-                         notes=checkpoints.selection_note(config))
+                         notes=checkpoints.selection_note(config),
+                         text=bool(config.eval.text_retrieval))
     except Preempted:
       raise Preempted(f"SIGTERM during the final evaluation; the final step {final_step} was saved "
                       f"to {folder} before it: rerun the same command to evaluate it.") from None

@@ -1,6 +1,7 @@
 """A tiny trained workdir for the tests of what uses a trained model (search, serve, export, text
 retrieval): a synthetic SYSU-layout set of 16 identities at 32x16 and an EEES model trained two
-steps from scratch (frozen random text tower, so the workdir holds a text_tower file).
+steps from scratch (frozen random text tower, so the workdir holds a text_tower file), whose
+report carries the text-to-person rows (eval.text_retrieval).
 
 Built once per test session (conftest.py: `tiny_workdir`); ~20 s on two cores.
 """
@@ -27,7 +28,7 @@ def config(root: str):
   c.optim.update(warmup_epochs=1, milestones=(3,))
   c.train.update(epochs=1, max_steps=2, log_every_steps=1, checkpoint_every_steps=2,
                  eval_every_epochs=0)
-  c.eval.update(modes=("all",), trials=1, ranked_list_queries=0)
+  c.eval.update(modes=("all",), trials=1, ranked_list_queries=0, text_retrieval=True)
   c.mesh.data = 1
   return c
 

@@ -17,6 +17,7 @@ from absl import app
 
 from configs.common import ABLATION_ROWS
 from eees_jax import ablation
+from eees_jax.evaluation import text_retrieval
 
 ROW_OFFSET = {"baseline": 0.0, "ese": 1.0, "ese_cvsc": 2.0, "ese_cmsp": 3.0, "full": 4.0}
 SETTINGS = {"regdb": ("visible to thermal", "thermal to visible"),
@@ -56,10 +57,23 @@ class FakeRuns:
       settings[name] = {"query": "visible", "gallery": "infrared", "reranked": False,
                         "cmc_kind": "standard", "trials": [t],
                         "mean": {k: v for k, v in t.items() if k != key}}
+    results = {"dataset": self.dataset, "protocol": self.dataset, "trial_key": key,
+               "max_rank": 20, "settings": settings}
+    if "--config.eval.text_retrieval=True" in cmd:  # the trainer's extra rows: 100 + the image rows
+      config = ablation.resolve_config(arg("config"), cmd[5:])
+      text = {}
+      for i, name in enumerate(text_retrieval.setting_names(tuple(config.eval.modes))):
+        r1 = 100.0 + fake_rank1(row, seed, split, i)
+        t = _trial(key, 0, r1, 2 * r1)
+        text[name] = {"query": "text", "gallery": "infrared", "reranked": False,
+                      "cmc_kind": "unique-identity", "trials": [t],
+                      "mean": {k: v for k, v in t.items() if k != key}}
+      results["text_retrieval"] = text_retrieval.report_section(
+          {"settings": text, "query_source": text_retrieval.QUERY_SOURCE, "text_weight": 0.5},
+          config)
     os.makedirs(os.path.join(workdir, "report"), exist_ok=True)
     with open(os.path.join(workdir, "report", "results.json"), "w") as f:
-      json.dump({"dataset": self.dataset, "protocol": self.dataset, "trial_key": key,
-                 "max_rank": 20, "settings": settings}, f)
+      json.dump(results, f)
     return 0
 
 
@@ -146,6 +160,40 @@ def test_llcm_table_takes_its_settings_from_the_registry(fake, data_root):
                              [f"dataset.root={data_root}"])
   assert list(table["full"]) == list(SETTINGS["llcm"])
   assert table["full"]["visible to infrared"]["rank1"]["mean"] == pytest.approx(30 + 4 + 0.5)
+
+
+def test_text_rows_make_a_second_table_with_each_rows_text_alignment(fake):
+  """With eval.text_retrieval the runs' text rows are summarised like the image rows (hand-computed:
+  100 + 10 seed + row offset + 0.5 per setting, mean over seeds 0 and 2 = 110 + offset), and the
+  note says what ties each row's joint feature to text."""
+  runs = fake("synthetic")
+  rows, seeds = ["baseline", "ese"], [0, 2]
+  ablation.run_table("configs/synthetic.py", runs.root, rows, seeds,
+                     ["eval.text_retrieval=True", "eval.modes=('all',)"])
+  md = open(os.path.join(runs.root, "ablation.md")).read()
+  image_md, text_md = md.split(f"## {text_retrieval.SECTION_TITLE}, test ids")
+  names = text_retrieval.setting_names(("all",))
+  assert all(name not in image_md for name in names)
+  assert "| Row | " + " | ".join(f"{n} {m}" for n in names for m in ("Rank-1", "mAP")) in text_md
+  for row in rows:
+    cells = []
+    for i in range(len(names)):
+      per_seed = [100.0 + 10.0 * seed + ROW_OFFSET[row] + 0.5 * i for seed in seeds]
+      for values in (per_seed, [2 * v for v in per_seed]):
+        cells.append(f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} "
+                     f"({min(values):.2f}-{max(values):.2f})")
+    assert f"| {row} | " + " | ".join(cells) + " |" in text_md, row
+  assert "baseline: no text term (baseline): v was trained by the identity and triplet losses" in text_md
+  assert "ese: v was trained toward the text tower's description features by ESE." in text_md
+  saved = json.load(open(os.path.join(runs.root, "ablation.json")))
+  assert saved["text_settings"] == names
+  assert saved["text_table"]["ese"][names[0]]["rank1"]["mean"] == pytest.approx(111.0)
+  # Without the switch there are no text rows and no second table.
+  runs = fake("synthetic")
+  runs.root += "_plain"
+  ablation.run_table("configs/synthetic.py", runs.root, ["ese"], [0])
+  assert text_retrieval.SECTION_TITLE not in open(os.path.join(runs.root, "ablation.md")).read()
+  assert json.load(open(os.path.join(runs.root, "ablation.json")))["text_table"] == {}
 
 
 def test_a_changed_config_refuses_a_finished_run_and_names_the_key(fake):

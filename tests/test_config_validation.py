@@ -74,7 +74,7 @@ BAD = [
     ("synthetic", ["--config.dataset.source=hdf5"], ["dataset.source = 'hdf5': one of folders, tfds"]),
     ("synthetic", ["--config.dataset.source=tfds"], ["dataset.tfds_data_dir = '': the TFDS data_dir"]),
     ("synthetic", ["--config.mesh.data=0"], ["mesh.data = 0: -1 (every device)"]),
-    ("synthetic", ["--config.model.text.heads=3"], ["model.text.heads = 3: a divisor of model.text.width=128"]),
+    ("synthetic", ["--config.model.text.heads=3"], ["model.text.heads = 3: a divisor of model.text.width=64"]),
     ("regdb", ["--config.dataset.split=11"], ["dataset.split = 11: one of 1, 2, 3"]),
     ("regdb", ["--config.dataset.holdout=True"], ["dataset.holdout = True: False: RegDB has no validation"]),
     ("llcm", ["--config.eval.modes=('all',)", "--config.eval.gallery_source=official"],

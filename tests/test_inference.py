@@ -105,12 +105,14 @@ def test_load_gives_the_evaluation_features_from_the_workdir_alone(trained, load
                              **ROUNDING)
   np.testing.assert_allclose(model.embed_images(np.stack(t["resized"]), modality),
                              t["want_resized"], **ROUNDING)
-  # One modality for all: the infrared stem changes the visible images' features.
+  # One modality for all: the infrared stem changes the visible images' features. Both stems start
+  # as the checkpoint's stem and have taken 3 warm-up steps, so they differ little, but by far more
+  # than rounding (ROUNDING's atol is 1e-5).
   visible = [p for p, r in zip(paths, records) if r.modality == VISIBLE]
   want_visible = t["want"][[r.modality == VISIBLE for r in records]]
   np.testing.assert_allclose(model.embed_images(visible, "visible"), want_visible,
                              **ROUNDING)
-  assert np.abs(model.embed_images(visible, "infrared") - want_visible).max() > 1e-3
+  assert np.abs(model.embed_images(visible, "infrared") - want_visible).max() > 1e-4
   # embed_joint is l2(v): the second block of the unflipped half of the test feature.
   half = model.feature_dim // 2
   f_dim = half - model.joint_dim

@@ -165,3 +165,31 @@ def test_ranked_list_sheet_reads_images_from_an_image_source(tmp_path):
   assert shown == [[1, 0]]
   sheet = np.asarray(Image.open(tmp_path / "s.png"))
   assert tuple(sheet[16, 8]) == (0, 0, 255)  # the query's own pixels, from the source's bytes
+
+
+def test_text_retrieval_rows_are_a_labelled_section_of_the_report(tmp_path):
+  """results["text_retrieval"] (the trainer's extra rows) renders after the image rows, under its
+  own title and notes, and travels in results.json; the CMC plot keeps the image settings."""
+  from eees_jax.evaluation import text_retrieval as tr
+  results = _results()
+  text = {"dataset": "SYSU-MM01", "protocol": "sysu", "distance": "cosine", "max_rank": 20,
+          "trial_key": "trial", "query_source": tr.QUERY_SOURCE, "text_weight": 0.5,
+          "settings": {tr.setting_names()[0]: dict(_results()["settings"]["all-search single-shot"],
+                                                   query="text", gallery="infrared")}}
+  config = {"loss": {t: {"enabled": False} for t in tr.TEXT_TERMS},
+            "model": {"init": {"checkpoint": "weights/RN50", "load": ("vision", "text")}},
+            "text": {"trainable": False}}
+  results["text_retrieval"] = tr.report_section(text, config)
+  md = report.write_report(results, str(tmp_path), "Synthetic test")
+  assert json.load(open(tmp_path / "results.json"))["text_retrieval"]["title"] == tr.SECTION_TITLE
+  image_part, text_part = md.split(f"\n## {tr.SECTION_TITLE}\n")
+  assert "| all-search single-shot | infrared → visible | plain | 55.00 |" in image_part
+  assert tr.setting_names()[0] not in image_part
+  # The text rows: the same numbers, labelled with their query and gallery, one heading level down.
+  assert (f"| {tr.setting_names()[0]} | text → infrared | plain | 55.00 | 75.00 | 97.50 | 100.00 | "
+          "42.00 | 21.00 |") in text_part
+  assert "\n### Mean over 2 trials\n" in text_part and f"\n### {tr.setting_names()[0]}\n" in text_part
+  assert "held-out visible captions: the caption of one of the identity's visible test images" in text_part
+  assert ("Text alignment of this model: no text term (baseline): v was trained by the identity and "
+          "triplet losses only") in text_part
+  assert "Text tower: pretrained (weights/RN50), frozen." in text_part

@@ -1,4 +1,5 @@
 """Exact chunked search, the index folder and the search command line."""
+import glob
 import json
 import os
 import re
@@ -282,7 +283,8 @@ def test_clear_errors(built, tmp_path, capsys):
   # An unreadable image inside the folder is named.
   folder = tmp_path / "imgs"
   folder.mkdir()
-  shutil.copy(os.path.join(built["root"], "cam1/0001/0001.jpg"), folder / "a.jpg")
+  first_visible = sorted(glob.glob(os.path.join(built["root"], "cam1", "*", "*.jpg")))[0]
+  shutil.copy(first_visible, folder / "a.jpg")
   (folder / "b.jpg").write_bytes(b"\xff\xd8 broken")
   _one_line_error(*_run(["index", "--workdir", workdir, "--images", str(folder), "--modality",
                          "visible", "--out", str(tmp_path / "i3")], capsys)[::2], r"b\.jpg")

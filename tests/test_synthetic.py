@@ -261,7 +261,7 @@ def test_what_a_view_shows_is_what_is_drawn():
 
 
 def test_attribute_oracle_on_a_hand_made_set():
-  from data_pipelines.synthetic import oracle
+  from data_pipelines.synthetic import identities, oracle
   make = lambda pid, cams, **kw: dataclasses.replace(synthetic.sample_identity(0, 1, "test"), pid=pid,
                                                       cameras=cams, **kw)
   people = [make(1, (1, 3)), make(2, (2, 3, 6)),                      # same infrared attributes
@@ -275,6 +275,15 @@ def test_attribute_oracle_on_a_hand_made_set():
   # ids 1 and 2 share (1/2 each), id 4 unique -> (2 * 1/2 + 4 * 1/2 + 2 * 1) / 8.
   assert oracle.expected_rank1(people, 2, mode="indoor") == pytest.approx(100 * 5 / 8)
   assert oracle.distinct_signatures(people) == (4, 1)
+  # The cross-modal oracle ignores materials (invisible in colour images): a person who differs from
+  # id 1 by the material of the top alone is unique to the infrared oracle, not to the shared one.
+  other = "wool" if people[0].upper_material != "wool" else "cotton"
+  people.append(make(6, (2, 3), upper_material=other))
+  infrared = (2 * 1 / 3 + 4 * 1 / 3 + 2 * 1 / 3 + 2 * 1 + 2 * 1) / 12
+  shared = (2 * 1 / 4 + 4 * 1 / 4 + 2 * 1 / 4 + 2 * 1 + 2 * 1 / 4) / 12
+  assert oracle.expected_rank1(people, 2, mode="all") == pytest.approx(100 * infrared)
+  assert oracle.expected_rank1(people, 2, mode="all",
+                               attributes=identities.SHARED_ATTRIBUTES) == pytest.approx(100 * shared)
 
 
 def test_refuses_non_empty_out(tmp_path, capsys):

@@ -169,11 +169,36 @@ def test_bad_inputs_are_named():
                                text_weight=2.0)
 
 
+def _text_to_infrared_oracle(workdir, root, trial):
+  """Text -> infrared of trial `trial` by plain loops (test_metrics.agw_loop_oracle) over the
+  embeddings of inference.load: (number of queries, gallery size, oracle metrics)."""
+  from data_pipelines import descriptions
+  from eees_jax import inference
+  model = inference.load(workdir)
+  records = sysu_mm01.test_records(root)
+  visible = [r for r in records if r.modality == VISIBLE]
+  by_image = descriptions.read_records(os.path.join(root, "descriptions.jsonl"))
+  gallery = set(r.path for r in sysu_mm01.select_gallery(records, "all", trial))
+  held = [r for r in visible if r.path not in gallery]
+  infrared = [r for r in records if r.modality == INFRARED]
+  q = model.embed_text([by_image[r.path]["description"] for r in held])
+  g = model.embed_joint([os.path.join(root, r.path) for r in infrared], "infrared")
+  oracle = agw_loop_oracle(1.0 - q @ g.T, [r.pid for r in held], [r.pid for r in infrared],
+                           [0] * len(held), [r.camid for r in infrared])
+  return len(held), len(infrared), oracle
+
+
+def _assert_matches_oracle(got, oracle):
+  num_queries, num_gallery, metrics = oracle
+  assert got["num_queries"] == num_queries and got["num_gallery"] == num_gallery
+  assert got["mAP"] == pytest.approx(100 * metrics["mAP"], abs=1e-3)
+  assert got["mINP"] == pytest.approx(100 * metrics["mINP"], abs=1e-3)
+  assert got["rank1"] == pytest.approx(100 * metrics["cmc_unique"][0], abs=1e-3)
+
+
 def test_on_a_trained_workdir(tiny_workdir, tmp_path, capsys):
   """The command on a trained workdir: files, settings, and one setting against the oracle computed
   from inference.load's own embeddings."""
-  from data_pipelines import descriptions
-  from eees_jax import inference
   workdir, root = tiny_workdir["workdir"], tiny_workdir["root"]
   out = str(tmp_path / "report")
   assert tr.main(["--workdir", workdir, "--trials", "2", "--out", out]) == 0
@@ -184,25 +209,95 @@ def test_on_a_trained_workdir(tiny_workdir, tmp_path, capsys):
   assert list(res["settings"]) == tr.setting_names(("all",))
   assert "Text-to-person retrieval on synthetic" in md and T_IR in md
   assert res["model"]["step"] == 2
-  # Oracle for text -> infrared, trial 1.
-  model = inference.load(workdir)
-  records = sysu_mm01.test_records(root)
-  visible = [r for r in records if r.modality == VISIBLE]
-  by_image = descriptions.read_records(os.path.join(root, "descriptions.jsonl"))
-  gallery = set(r.path for r in sysu_mm01.select_gallery(records, "all", 1))
-  held = [r for r in visible if r.path not in gallery]
-  infrared = [r for r in records if r.modality == INFRARED]
-  q = model.embed_text([by_image[r.path]["description"] for r in held])
-  g = model.embed_joint([os.path.join(root, r.path) for r in infrared], "infrared")
-  oracle = agw_loop_oracle(1.0 - q @ g.T, [r.pid for r in held], [r.pid for r in infrared],
-                           [0] * len(held), [r.camid for r in infrared])
-  got = res["settings"][T_IR]["trials"][1]
-  assert got["num_queries"] == len(held) and got["num_gallery"] == len(infrared)
-  assert got["mAP"] == pytest.approx(100 * oracle["mAP"], abs=1e-3)
-  assert got["rank1"] == pytest.approx(100 * oracle["cmc_unique"][0], abs=1e-3)
+  assert res["alignment"] == tr.text_alignment(tiny_workdir["config"])
+  assert "Text alignment of this model: v was trained toward" in md
+  _assert_matches_oracle(res["settings"][T_IR]["trials"][1],
+                         _text_to_infrared_oracle(workdir, root, 1))
   # Clear one-line errors.
   assert tr.main(["--workdir", str(tmp_path / "none")]) == 2
   assert "error: workdir" in capsys.readouterr().err
   assert tr.main(["--workdir", workdir, "--root", str(tmp_path / "nowhere")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: SYSU-MM01 root") and err.count("\n") == 1
+
+
+def test_the_training_report_has_the_text_rows(tiny_workdir):
+  """The tiny run trains with eval.text_retrieval on: its report carries the text settings after
+  the image rows, labelled, with numbers equal to the plain-loop oracle on inference.load's
+  embeddings (the trainer takes l2(v) out of the test-time features, the oracle embeds it apart)."""
+  workdir, root = tiny_workdir["workdir"], tiny_workdir["root"]
+  assert tiny_workdir["config"].eval.text_retrieval
+  res = json.load(open(os.path.join(workdir, "report", "results.json")))
+  text = res["text_retrieval"]
+  assert list(text["settings"]) == tr.setting_names(("all",))
+  assert text["title"] == tr.SECTION_TITLE and text["query_source"] == tr.QUERY_SOURCE
+  assert text["alignment"] == tr.text_alignment(tiny_workdir["config"])
+  assert text["alignment"]["terms"] == ["ese", "cvsc", "cmsp"]
+  assert [t["trial"] for t in text["settings"][T_IR]["trials"]] == [0]
+  _assert_matches_oracle(text["settings"][T_IR]["trials"][0],
+                         _text_to_infrared_oracle(workdir, root, 0))
+  md = open(os.path.join(workdir, "report", "results.md")).read()
+  image_part, text_part = md.split(f"\n## {tr.SECTION_TITLE}\n")
+  assert "| all-search single-shot |" in image_part and T_IR not in image_part
+  for name in tr.setting_names(("all",)):
+    assert f"\n| {name} |" in text_part
+  assert "Text alignment of this model: v was trained toward the text tower's description " \
+         "features by ESE, CVSC, CMSP" in text_part
+
+
+def test_text_alignment_says_what_ties_v_to_text():
+  """Hand-written expectations for the ablation rows and the corner cases of the config."""
+  from configs.common import ABLATION_ROWS
+  from test_configs import parse
+
+  def alignment(*args, row="full"):
+    rows = [f"--config.{k}={v}" for k, v in ABLATION_ROWS[row].items()]
+    return tr.text_alignment(parse("synthetic", *rows, *args))
+  full = alignment()
+  assert full["terms"] == ["ese", "cvsc", "cmsp"]
+  assert full["text_tower"] == "pretrained (data/synthetic_clip), frozen"
+  assert full["note"] == ("v was trained toward the text tower's description features by ESE, "
+                          "CVSC, CMSP")
+  assert alignment(row="ese")["terms"] == ["ese"]
+  baseline = alignment(row="baseline")
+  assert baseline["terms"] == []
+  assert baseline["note"].startswith("no text term (baseline): v was trained by the identity and "
+                                     "triplet losses only; its alignment with text is what the "
+                                     "pretrained CLIP (data/synthetic_clip) gave")
+  # Nothing relates v to text: from scratch, or a checkpoint that only fills the image tower.
+  for args in (["--config.model.init.checkpoint="], ["--config.model.init.load=('vision',)"]):
+    alone = alignment(*args, row="baseline")
+    assert "the text rows measure chance" in alone["note"], args
+  assert alignment("--config.model.init.load=('vision',)", row="baseline")["text_tower"] == \
+      "random initialisation, frozen"
+  trained = alignment("--config.model.init.checkpoint=", "--config.text.trainable=True",
+                      row="baseline")
+  assert trained["text_tower"] == "random initialisation, trained jointly"
+  assert trained["note"].endswith("the text tower had no training signal (only weight decay "
+                                  "moved it)")
+
+
+def test_the_switch_is_checked_before_any_work(tiny_workdir, tmp_path):
+  """eval.text_retrieval on a data set outside the SYSU-MM01 layout is a config error; test images
+  without a description stop the run before training, naming the option."""
+  from data_pipelines.records import DatasetError
+  from eees_jax import config_validation, train
+  from test_configs import parse
+  config = parse("regdb", f"--config.dataset.root={tmp_path}", "--config.eval.text_retrieval=True")
+  with pytest.raises(config_validation.ConfigError, match="eval.text_retrieval = True: False for "
+                                                          "RegDB"):
+    config_validation.validate(config)
+  root = tiny_workdir["root"]
+  records = sysu_mm01.test_records(root)
+  lacking = next(r.path for r in records if r.modality == VISIBLE)
+  lines = [l for l in open(os.path.join(root, "descriptions.jsonl"))
+           if json.loads(l)["image"] != lacking]
+  path = tmp_path / "fewer.jsonl"
+  path.write_text("".join(lines))
+  config = tiny_workdir["config"].copy_and_resolve_references()
+  config.dataset.descriptions = str(path)
+  with pytest.raises(DatasetError, match=r"(?s)config.eval.text_retrieval=True scores held-out "
+                                         r"captions.*1 of .* images have no.*" + lacking):
+    train.check_evaluation_inputs(config)
+  config.eval.text_retrieval = False
+  train.check_evaluation_inputs(config)

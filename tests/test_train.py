@@ -255,3 +255,18 @@ def test_fsdp_checkpoint_restores_replicated_and_resumes(tiny_root, tmp_path, ca
   assert "Resumed from step 2" in capsys.readouterr().out
   steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
   assert steps[-1] == 3
+
+
+def test_an_unreadable_test_image_stops_the_run_before_training(tiny_root, tmp_path):
+  import shutil
+  from data_pipelines import registry
+  from data_pipelines.records import DatasetError
+  root = tmp_path / "set"
+  shutil.copytree(tiny_root, root)
+  config = tiny_config(str(root), max_steps=3)
+  bad = registry.test_records(config)[3].path
+  data = (root / bad).read_bytes()
+  (root / bad).write_bytes(data[: len(data) // 3])  # a truncated JPEG
+  with pytest.raises(DatasetError, match=os.path.basename(bad)):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before the first step

@@ -2,7 +2,9 @@
 
 Consumes the results dict of eees_jax.evaluation.protocols (percentages). Numbers from re-ranked
 distances are labelled "re-ranked" wherever they appear; a setting whose ranking is not plain
-query -> gallery (LLCM's DEEN layout) is marked in the table and explained under it. Plots use
+query -> gallery (LLCM's DEEN layout) is marked in the table and explained under it. Results that
+carry text-to-person retrieval rows (results["text_retrieval"], eees_jax.evaluation.text_retrieval)
+get them as a section of their own after the image protocol's, with its title and notes. Plots use
 matplotlib's object API with the Agg canvas (no display, no global backend switch); sheets are
 drawn with PIL. Files are written through etils.epath, so a report may go to cloud storage.
 """
@@ -43,11 +45,13 @@ def _direction(setting: dict) -> str:
 
 
 def results_markdown(results: dict, title: str, notes: str | None = None,
-                     cmc_image: str | None = None) -> str:
-  """The markdown of `write_report`: a summary table (means) and per-trial tables per setting."""
+                     cmc_image: str | None = None, level: int = 1) -> str:
+  """The markdown of `write_report`: a summary table (means) and per-trial tables per setting,
+  then the text-retrieval rows when the results have them. level: the title's heading level."""
   settings = results["settings"]
   trial_key = results.get("trial_key", "trial")
-  lines = [f"# {title}", ""]
+  h1, h2 = "#" * level, "#" * (level + 1)
+  lines = [f"{h1} {title}", ""]
   kinds = sorted({s["cmc_kind"] for s in settings.values()})
   lines.append(
       f"Data set: {results['dataset']}. Protocol: {_PROTOCOL_TEXT.get(results['protocol'], results['protocol'])}. "
@@ -62,7 +66,7 @@ def results_markdown(results: dict, title: str, notes: str | None = None,
   rule = "|" + "---|" * (3 + len(_COLUMNS))
   n_trials = {len(s["trials"]) for s in settings.values()}
   what = f"{n_trials.pop()} {trial_key}s" if len(n_trials) == 1 else f"{trial_key}s"
-  lines += ["", f"## Mean over {what}", "", header, rule]
+  lines += ["", f"{h2} Mean over {what}", "", header, rule]
   for name, s in settings.items():
     label = _ranking_label(s)
     lines.append(f"| {name} | {_direction(s)} | {label} | "
@@ -82,7 +86,7 @@ def results_markdown(results: dict, title: str, notes: str | None = None,
     lines += ["", f"Note ({marked}): {note}"]
   for name, s in settings.items():
     label = _ranking_label(s)
-    lines += ["", f"## {name}", "",
+    lines += ["", f"{h2} {name}", "",
               f"{s['query']} queries, {s['gallery']} gallery, {label} distances; "
               f"{s['trials'][0]['num_queries']} queries, {s['trials'][0]['num_gallery']} gallery "
               f"images ({trial_key} {s['trials'][0][trial_key]})."
@@ -94,6 +98,9 @@ def results_markdown(results: dict, title: str, notes: str | None = None,
                    + " |")
     lines.append(f"| **mean** | {label} | " + " | ".join(f"**{_fmt(s['mean'][k])}**" for k, _ in _COLUMNS)
                  + " |")
+  text = results.get("text_retrieval")
+  if text:
+    lines += ["", results_markdown(text, text["title"], text.get("notes"), level=level + 1).rstrip()]
   return "\n".join(lines) + "\n"
 
 

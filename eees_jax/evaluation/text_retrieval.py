@@ -28,6 +28,12 @@ The protocol (every choice the EEES paper leaves open, fixed here):
   are scored as the reference row that shows what the sentence adds.
 - Rank-1/5/10/20 (unique-identity CMC, as SYSU-MM01), mAP and mINP by eees_jax.evaluation.metrics
   (identity-level matching), per trial, and the mean over trials.
+
+The trainer scores the same settings in its final evaluation when config.eval.text_retrieval is on
+and puts them into the run's report as extra rows (results["text_retrieval"]). Every EEES model
+has a joint feature v and a text tower, so the rows can be computed for any run; `text_alignment`
+says what they mean for a run's config: whether a training term (ESE, CVSC, CMSP) pulled v toward
+the text features, or (the baseline) only a pretrained CLIP initialisation relates them.
 """
 from __future__ import annotations
 
@@ -63,6 +69,68 @@ _NOTES = {
               "camera rule of the infrared image applies.",
     "image": "The fusion's infrared queries without their text, in the same joint space.",
 }
+
+
+TEXT_TERMS = ("ese", "cvsc", "cmsp")   # the loss terms that pull v toward description features
+SECTION_TITLE = "Text-to-person retrieval (extra rows, not part of the image protocol)"
+
+
+def text_alignment(config: Mapping) -> dict:
+  """What ties the image joint feature v to the text tower in a run of `config` (an experiment
+  config, ConfigDict or its JSON dict): {"terms": enabled text terms, "text_tower": where its
+  weights come from, "note": one sentence for the report}.
+
+  Without a text term (the baseline) v is trained by the identity and triplet losses alone: the
+  rows are still computed, and only a pretrained image + text checkpoint makes them more than
+  chance."""
+  loss, init = config["loss"], config["model"]["init"]
+  terms = [t for t in TEXT_TERMS if loss[t]["enabled"]]
+  checkpoint = str(init["checkpoint"] or "")
+  load = set(init["load"]) if checkpoint else set()
+  trainable = bool(config["text"]["trainable"])
+  origin = f"pretrained ({checkpoint})" if "text" in load else "random initialisation"
+  tower = f"{origin}, {'trained jointly' if trainable else 'frozen'}"
+  if terms:
+    note = (f"v was trained toward the text tower's description features by "
+            f"{', '.join(t.upper() for t in terms)}")
+  elif {"vision", "text"} <= load:
+    note = (f"no text term (baseline): v was trained by the identity and triplet losses only; its "
+            f"alignment with text is what the pretrained CLIP ({checkpoint}) gave and training kept")
+  else:
+    note = ("no text term and no pretrained image + text towers: nothing relates v to the text "
+            "tower, so the text rows measure chance (n/a as a text-search result)")
+  if trainable and not terms:
+    note += "; the text tower had no training signal (only weight decay moved it)"
+  return {"terms": terms, "text_tower": tower, "note": note}
+
+
+def report_notes(results: dict, model: str = "") -> str:
+  """The paragraph under the text rows of a report: where queries and galleries come from, the
+  fusion, and (when the results carry it) the run's text alignment."""
+  lines = [
+      (f"{model} " if model else "")
+      + f"Text queries are {results['query_source']}: the caption of one of the identity's visible "
+      "test images that is not in the trial's visible gallery (test identities, and so their "
+      "captions, are never seen in training); a text query has no camera. Galleries: every "
+      "infrared test image (text -> infrared); the trial's single-shot visible draw of the image "
+      "protocol (text -> visible, fusion). Fusion: an infrared query image with a held-out caption "
+      f"of its identity, l2((1 - w) l2(v) + w t) with w = {results['text_weight']}; the infrared-only "
+      "row is its reference. Features: l2(v) and unit text features, cosine distance. Protocol: "
+      "eees_jax/evaluation/text_retrieval.py."]
+  alignment = results.get("alignment")
+  if alignment:
+    lines.append(f"Text alignment of this model: {alignment['note']}. Text tower: "
+                 f"{alignment['text_tower']}.")
+  return " ".join(lines)
+
+
+def report_section(results: dict, config: Mapping, extra_note: str = "") -> dict:
+  """`results` of evaluate_text_retrieval labelled as the extra rows of a run's report
+  (results["text_retrieval"] of the image protocol's results): adds the run's text alignment, the
+  section title and its notes."""
+  section = dict(results, alignment=text_alignment(config), title=SECTION_TITLE)
+  section["notes"] = report_notes(section) + (f" {extra_note}" if extra_note else "")
+  return section
 
 
 def setting_names(modes: Sequence[str] = ("all",)) -> list[str]:
@@ -242,12 +310,11 @@ def run(workdir: str, step: str | int = "latest", trials: int = 10, split: str =
                                     trials=trials, text_weight=text_weight, dataset=title)
   results["model"] = {"workdir": os.path.abspath(workdir), "step": int(model.step),
                       "model_id": model.model_id, "split": split}
+  results["alignment"] = text_alignment(model.config)
   out_dir = out_dir or os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   held = " (held-out val ids, not a test result)" if split == "val" else ""
-  notes = (f"Model: {workdir} step {model.step} ({model.model_id}). Text queries are "
-           f"{QUERY_SOURCE}; a text query has no camera; fusion text weight {text_weight}. "
-           "The protocol is in the docstring of eees_jax/evaluation/text_retrieval.py.")
+  notes = report_notes(results, f"Model: {workdir} step {model.step} ({model.model_id}).")
   markdown = report.results_markdown(results, f"Text-to-person retrieval on {title}{held}", notes)
   _write_atomic(os.path.join(out_dir, "text_retrieval.json"), json.dumps(results, indent=1))
   _write_atomic(os.path.join(out_dir, "text_retrieval.md"), markdown)

@@ -1,0 +1,97 @@
+"""eees_jax.pretrain_clip: the contrastive loss against a plain loop, a tiny deterministic pretraining
+written in the format EEES starts from, and the reuse rules of `ensure_pretrained`."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic as synthetic_config
+from eees_jax import pretrain_clip
+from eees_jax import weights as weights_lib
+
+
+def test_clip_loss_equals_a_plain_loop():
+  rng = np.random.default_rng(0)
+  img, txt = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+  scale = math.log(7.0)
+  unit = lambda v: v / np.linalg.norm(v)
+  logits = [[7.0 * float(unit(img[i]) @ unit(txt[j])) for j in range(5)] for i in range(5)]
+
+  def ce(row, target):
+    return -row[target] + math.log(sum(math.exp(x) for x in row))
+
+  rows = sum(ce(logits[i], i) for i in range(5)) / 5
+  cols = sum(ce([logits[j][i] for j in range(5)], i) for i in range(5)) / 5
+  right = sum(int(np.argmax(logits[i]) == i) for i in range(5)) / 5
+  loss, acc = pretrain_clip.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(scale))
+  np.testing.assert_allclose(float(loss), (rows + cols) / 2, rtol=1e-5)
+  assert float(acc) == pytest.approx(right)
+
+
+def test_augment_is_a_padded_crop_or_its_mirror():
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (6, 8, 4, 3)), jnp.uint8)
+  out = np.asarray(pretrain_clip.augment(jax.random.PRNGKey(3), images, pad=2, flip=0.5))
+  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for i in range(6):   # every output is one of the 5 x 5 crops of the padded image, or a mirror
+    crops = [padded[i, y:y + 8, x:x + 4] for y in range(5) for x in range(5)]
+    assert any(np.array_equal(out[i], c) or np.array_equal(out[i], c[:, ::-1]) for c in crops)
+
+
+def _tiny_config(tmp_path, steps=3):
+  c = synthetic_config.get_config()
+  c.model.init.checkpoint = str(tmp_path / "clip")
+  c.input.update(height=32, width=16)
+  c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
+  c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=56)
+  c.pretrain.data.root = str(tmp_path / "pretrain_set")
+  c.pretrain.data.generate.update(num_ids=6, images_per_camera=1, height=32, width=16)
+  c.pretrain.update(steps=steps, batch_size=8)
+  return c
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  base = tmp_path_factory.mktemp("pretrain")
+  config = _tiny_config(base)
+  path = pretrain_clip.ensure_pretrained(config)
+  return config, path, base
+
+
+def test_pretraining_writes_what_eees_loads_and_is_deterministic(pretrained, tmp_path):
+  config, path, _ = pretrained
+  w = weights_lib.load_clip(path)
+  assert w.vision_config["num_modalities"] == 2
+  # The stem is stacked for both modalities: the infrared half equals the visible half.
+  for leaf in jax.tree_util.tree_leaves(w.vision_params["stem"]):
+    a, b = np.split(np.asarray(leaf), 2)
+    np.testing.assert_array_equal(a, b)
+  record = json.load(open(os.path.join(path, "config.json")))[pretrain_clip.RECORD_KEY]
+  assert record["settings"] == pretrain_clip.settings(config)
+  assert record["result"]["images"] > 0 and math.isfinite(record["result"]["final_loss"])
+  # The same seed again (the data set is reused) gives the same parameters, bit for bit.
+  again = pretrain_clip.pretrain(config, str(tmp_path / "again"))
+  w2 = weights_lib.load_clip(str(tmp_path / "again"))
+  assert again["final_loss"] == record["result"]["final_loss"]
+  for a, b in zip(jax.tree_util.tree_leaves((w.vision_params, w.text_params)),
+                  jax.tree_util.tree_leaves((w2.vision_params, w2.text_params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ensure_pretrained_reuses_a_match_and_refuses_anything_else(pretrained, tmp_path):
+  config, path, base = pretrained
+  stamp = os.path.getmtime(os.path.join(path, "config.json"))
+  assert pretrain_clip.ensure_pretrained(config) == path        # reused, not rebuilt
+  assert os.path.getmtime(os.path.join(path, "config.json")) == stamp
+  other = _tiny_config(base, steps=4)
+  with pytest.raises(pretrain_clip.PretrainError, match="differ in: steps"):
+    pretrain_clip.ensure_pretrained(other)
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  config2 = _tiny_config(base)
+  config2.model.init.checkpoint = str(foreign)
+  with pytest.raises(pretrain_clip.PretrainError, match="not written by eees_jax.pretrain_clip"):
+    pretrain_clip.ensure_pretrained(config2)
