@@ -19,21 +19,38 @@ def _conv_grad(x, k):
   return jax.grad(f, argnums=(0, 1))(x, k)
 
 
-def test_options_reach_the_program():
+def _fusions(compiled) -> int:
+  return len(re.findall(r'"kind":"__ynn_fusion"', compiled.as_text()))
+
+
+def test_options_reach_the_program(monkeypatch):
   if jaxlib.__version__ != xla_cpu.MEASURED_JAXLIB:
     pytest.skip("the options are only applied with the jaxlib they were measured on")
-  opts = xla_cpu.compiler_options("cpu")
-  assert opts == xla_cpu.DEFAULTS
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, 8, 6, 4)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((3, 3, 4, 4)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 16, 8, 32)), jnp.float32)
+  k = jnp.asarray(0.1 * rng.standard_normal((3, 3, 32, 32)), jnp.float32)
   plain = jax.jit(_conv_grad).lower(x, k).compile()
-  tuned = jax.jit(_conv_grad, compiler_options=opts).lower(x, k).compile()
-  # jaxlib sends the convolutions to YNNPACK; the project's options keep them on XLA's own path.
-  assert re.search(r'"kind":"__ynn_fusion"', plain.as_text())
-  assert not re.search(r'"kind":"__ynn_fusion"', tuned.as_text())
-  for a, b in zip(plain(x, k), tuned(x, k)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  default = xla_cpu.compiler_options("cpu")
+  assert default == xla_cpu.DEFAULTS
+  monkeypatch.setenv(xla_cpu.ENV_CONVOLUTIONS, "eigen")
+  eigen = xla_cpu.compiler_options("cpu")
+  assert eigen == {**xla_cpu.DEFAULTS, **xla_cpu.EIGEN_CONVOLUTIONS}
+  with_default = jax.jit(_conv_grad, compiler_options=default).lower(x, k).compile()
+  with_eigen = jax.jit(_conv_grad, compiler_options=eigen).lower(x, k).compile()
+  # jaxlib sends the three convolutions (forward, input and kernel gradients) and the matmul to
+  # YNNPACK; the default keeps that, the opt-in takes the convolutions back to XLA's own path.
+  assert _fusions(plain) == _fusions(with_default) > _fusions(with_eigen) >= 1
+  for compiled in (with_default, with_eigen):
+    for a, b in zip(plain(x, k), compiled(x, k)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_convolution_choice(monkeypatch):
+  if jaxlib.__version__ != xla_cpu.MEASURED_JAXLIB:
+    pytest.skip("the options are only applied with the jaxlib they were measured on")
+  monkeypatch.setenv(xla_cpu.ENV_CONVOLUTIONS, "onednn")
+  with pytest.raises(ValueError, match="ynnpack"):
+    xla_cpu.compiler_options("cpu")
 
 
 def test_off_elsewhere(monkeypatch):
