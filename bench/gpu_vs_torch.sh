@@ -2,11 +2,13 @@
 # The accelerator rows of BENCHMARKS.md in one go on one CUDA GPU, within BUDGET seconds:
 #   1. bench.vs_torch: JAX against PyTorch on the same RN50 model of EEES (embedding of 64 images
 #      with the mirrored copy, train step P=8 K=4), float32 and bfloat16;
-#   2. bench.train_step: the RN50 train-step batch sweep (8x4, 16x4, 32x4) in bfloat16 with MFU
-#      against the dense bf16 peak, then float32 (TF32 peak) if time is left.
+#   2. bench.train_step: the RN50 train-step batch sweep ($SWEEP, default 8x4,16x4) in bfloat16
+#      with MFU against the dense bf16 peak, then float32 (TF32 peak) if time is left. Each shape
+#      compiles for about a minute on an H100 (autotuning included); the shapes compile in parallel.
 #
 #   bash bench/gpu_vs_torch.sh                 # writes into $OUT (default: gpu_bench_out/)
-#   BUDGET=600 PEAK_BF16=989 PEAK_TF32=494 bash bench/gpu_vs_torch.sh
+#   BUDGET=600 SWEEP=8x4,16x4,32x4 PEAK_BF16=989 PEAK_TF32=494 bash bench/gpu_vs_torch.sh
+#   STAGES=train_step_bf16 bash bench/gpu_vs_torch.sh      # only that stage
 #
 # Needs python3 (or $PYTHON) with CUDA builds of jax and torch, flax, optax, orbax-checkpoint,
 # ml_collections, chex and numpy; TensorFlow is not imported. OpenAI's clip/model.py comes from the
@@ -22,6 +24,8 @@ OUT=${OUT:-gpu_bench_out}
 BUDGET=${BUDGET:-220}
 PEAK_BF16=${PEAK_BF16:-989}
 PEAK_TF32=${PEAK_TF32:-494}
+SWEEP=${SWEEP:-8x4,16x4}
+STAGES=${STAGES:-vs_torch,train_step_bf16,train_step_fp32}
 mkdir -p "$OUT"
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
@@ -60,6 +64,7 @@ fi
 
 stage() {  # stage NAME MIN_SECONDS_LEFT COMMAND...: runs COMMAND under what is left of BUDGET
   local name=$1 need=$2; shift 2
+  case ",$STAGES," in *",$name,"*) ;; *) return 0 ;; esac
   local t; t=$(left)
   if [ "$t" -lt "$need" ]; then
     echo "skipped $name: ${t} s left of BUDGET=${BUDGET}" | tee -a "$OUT/skipped.txt"
@@ -76,7 +81,7 @@ stage() {  # stage NAME MIN_SECONDS_LEFT COMMAND...: runs COMMAND under what is 
 stage vs_torch 60 $PY -m bench.vs_torch --embed_batch=64 --sizes=8x4 --dtypes=float32,bfloat16 \
   --rounds=3 --calls=10 --out="$OUT"
 stage train_step_bf16 45 $PY -m bench.train_step --model=rn50 --dtype=bfloat16 --steps=10 \
-  --sweep=8x4,16x4,32x4 --compile_parallel --peak_tflops="$PEAK_BF16"
+  --sweep="$SWEEP" --compile_parallel --peak_tflops="$PEAK_BF16"
 stage train_step_fp32 90 $PY -m bench.train_step --model=rn50 --dtype=float32 --steps=10 \
-  --sweep=8x4,16x4,32x4 --compile_parallel --peak_tflops="$PEAK_TF32"
+  --sweep="$SWEEP" --compile_parallel --peak_tflops="$PEAK_TF32"
 echo "done in $(( $(date +%s) - start )) s; results in $OUT"

@@ -34,7 +34,7 @@ import numpy as np
 
 from bench._report import machine_description, write_section
 from configs import common, synthetic as synthetic_config
-from eees_jax import experiment, train
+from eees_jax import experiment, train, xla_cpu
 
 
 # --- matmul / convolution FLOPs from optimised HLO ------------------------------------------------
@@ -183,7 +183,8 @@ def build_step(cfg, P: int, K: int, num_classes: int = 395, variables: dict | No
   text = {"index": jnp.arange(n, dtype=jnp.int32),
           "features": jnp.asarray(rng.standard_normal((n, dim)).astype(np.float32))}
   step = jax.jit(functools.partial(train.train_step, model=model.eees, text_model=None, tx=tx,
-                                   loss_cfg=cfg.loss), donate_argnums=(0,))
+                                   loss_cfg=cfg.loss), donate_argnums=(0,),
+                 compiler_options=xla_cpu.compiler_options())  # as the trainer's
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, text).compile()
   compile_s = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
   python -m bench.vs_torch                      # RN50 at 288x144 (make bench-torch), BENCHMARKS.md
   python -m bench.vs_torch --sizes=2x4 --embed_batch=16 --dtypes=float32 --rounds=2 --no_write
-  python -m bench.vs_torch --model=tiny --height=64 --width=32 --embed_batch=4 --sizes=1x2 \
+  python -m bench.vs_torch --model=tiny --height=32 --width=16 --embed_batch=4 --sizes=2x2 \
       --rounds=1 --dtypes=float32 --no_memory --no_write         # seconds: what the test runs
 
 The PyTorch side (bench/torch_peer.py) is OpenAI's clip/model.py ModifiedResNet with EEES's
@@ -20,13 +20,15 @@ and the train step at each --sizes P x K (3PK images: V, Vc and R), in each of -
 the project's compute dtype option in JAX, CPU/CUDA autocast in PyTorch). Per case both are built,
 warmed up once, then timed for --rounds rounds, the frameworks alternating (the first one swaps each
 round), so both see the same load; medians are reported. Peak memory of each framework is measured
-in child processes that do one thing each (build, warm up, one timed call): ru_maxrss on a CPU, the
-device's peak bytes in use on a GPU.
+in child processes that do one thing each (build, warm up, one timed call): the peak resident set on
+a CPU (by default for the embedding in float32 and the first --sizes step in each dtype); on a GPU,
+each framework's peak device memory in the timing process.
 
 PyTorch's allocator (CPU): "shipped" is glibc malloc, what `pip install torch` gives. "jemalloc"
 preloads libjemalloc (LD_PRELOAD) with the settings of PyTorch's CPU performance guide; an allocator
-is chosen when a process starts, so those runs are child processes started once per round in the
-same alternation (their time is their own timed call, after their own warm-up). Without libjemalloc
+is chosen when a process starts, so those runs (by default the first --sizes step in each dtype)
+are child processes started once per round in the same alternation (their time is their own timed
+call, after their own warm-up). Without libjemalloc
 the column says so (Debian/Ubuntu: `apt install libjemalloc2`).
 """
 from __future__ import annotations
@@ -135,7 +137,7 @@ class JaxEmbed(_Case):
     self._x = jax.device_put(_images(batch, args.height, args.width, 1))
     self._m = jax.device_put(np.arange(batch, dtype=np.int32) % 2)
     t = time.perf_counter()
-    self._fn = embedding.test_feature_fn(model.eees, flip=True).lower(
+    self._fn = self.compiled = embedding.test_feature_fn(model.eees, flip=True).lower(
         self._vars, self._x, self._m).compile()
     self.compile_s = time.perf_counter() - t
     self.images = batch
@@ -173,6 +175,7 @@ class JaxStep(_Case):
     cfg = jax_config(vision, args.height, args.width, P, K, dtype, args.remat)
     self._step, self._state, self._batch, self._text, self.compile_s = train_step.build_step(
         cfg, P, K, NUM_CLASSES, variables=variables)
+    self.compiled = self._step
     self._batch = dict(self._batch, images=jax.device_put(_step_images(P, K, args)))
     self.images = 3 * P * K
 
@@ -271,8 +274,8 @@ def run_child(args) -> None:
 
 def _hlo_sha1(case: _Case) -> str | None:
   """Hash of a JAX case's optimised HLO (module name left out): equal hashes, same program."""
-  compiled = getattr(case, "_step", None) or getattr(case, "_fn", None)
-  if not hasattr(compiled, "as_text"):
+  compiled = getattr(case, "compiled", None)
+  if compiled is None:
     return None
   import hashlib  # pylint: disable=g-import-not-at-top
   text = re.sub(r"^HloModule \S+", "", compiled.as_text(), flags=re.M)
@@ -377,15 +380,16 @@ def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: boo
               jax_case: _Case | None = None) -> dict:
   """Builds both (or takes the JAX side prebuilt), warms up, then --rounds alternating rounds; per
   round also one jemalloc child when `tuned`. Returns the case's figures; on a GPU with each
-  framework's peak device memory (PyTorch's of this case; JAX's of the process so far: XLA's
-  allocator keeps no resettable peak)."""
+  framework's device memory: PyTorch's peak over the timed calls (after the warm-up, whose cuDNN
+  autotuning tries large workspaces), JAX's the compiled program's arguments, outputs and
+  temporaries (XLA's allocator keeps one process-wide peak, autotuning included)."""
   gpu = device_kind() == "gpu"
-  if gpu:
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.cuda.reset_peak_memory_stats()
   cases = {"jax": jax_case or make_case("jax", task, dtype, args, peer, vision, variables),
            "torch": make_case("torch", task, dtype, args, peer, vision, variables)}
   first = {name: case.warmup() for name, case in cases.items()}
+  if gpu:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.reset_peak_memory_stats()
   times = {name: [] for name in cases}
   tuned_runs = []
   for r in range(args.rounds):
@@ -411,9 +415,9 @@ def time_case(task: tuple, dtype: str, args, peer, vision, variables, tuned: boo
     out["tuned_peak_gib"] = max(r["peak_gib"] for r in tuned_runs)
   out["jax_compile_s"] = getattr(cases["jax"], "compile_s", None)
   if gpu:
-    import jax  # pylint: disable=g-import-not-at-top
-    stats = jax.devices()[0].memory_stats() or {}
-    out["jax_peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+    ma = cases["jax"].compiled.memory_analysis()
+    out["jax_peak_gib"] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
+                           - ma.alias_size_in_bytes + ma.temp_size_in_bytes) / 2 ** 30
     out["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
   del cases
   return out
@@ -431,6 +435,12 @@ def precompile(keys: list[tuple], args, vision, variables) -> dict:
     built = {k: f.result() for k, f in futures.items()}
   print(f"compiled {len(keys)} JAX programs in {time.perf_counter() - t:.0f} s", flush=True)
   return built
+
+
+def _xla_options() -> str:
+  from eees_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  opts = xla_cpu.compiler_options()
+  return json.dumps(opts) if opts else "none (jaxlib's defaults)"
 
 
 def _load(values) -> str:
@@ -462,8 +472,9 @@ def report(args, rows: list[dict], memory: dict, parity: tuple, load: tuple, all
            f"Load average (1, 5, 15 min) before: {_load(load[0])}; after: {_load(load[1])}"
            + ("" if gpu else f" ({os.cpu_count()} cores, shared with other jobs when above 0)")
            + "  ",
-           f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; "
-           f"JAX remat: {','.join(args.remat) if args.remat else 'off'}", "",
+           f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; the project's XLA:CPU "
+           f"compile options (eees_jax/xla_cpu.py): `{_xla_options()}`; JAX remat: "
+           f"{','.join(args.remat) if args.remat else 'off'}", "",
            f"Same random weights in both (the PyTorch state dict through eees_jax.weights); "
            f"input {args.height}x{args.width}; test-time features of the same 4 images agree to "
            f"{parity[0]:.2g} (max abs difference, float32, eval mode; features of two different "
@@ -492,10 +503,11 @@ def report(args, rows: list[dict], memory: dict, parity: tuple, load: tuple, all
               for r in rows if "jax_peak_gib" in r}
   if memory or has_tuned:
     if gpu:
-      what = ("Memory: peak GPU memory in use (GiB), measured in the timing process: PyTorch's "
-              "of the case (torch.cuda.max_memory_allocated); JAX's the process's peak so far "
-              "(XLA's allocator has no resettable peak, so a case shows the largest of the cases "
-              "run before it).")
+      what = ("Memory: GPU memory of each case (GiB), in the timing process: PyTorch's peak "
+              "over the timed calls (torch.cuda.max_memory_allocated, reset after the warm-up, "
+              "whose cuDNN autotuning tries large workspaces); JAX's compiled program's "
+              "arguments, outputs and temporaries (memory_analysis; XLA's allocator keeps only a "
+              "process-wide peak, its autotuning included).")
     else:
       what = ("Memory: peak resident set (VmHWM, GiB) of a child process that builds one "
               "framework's case (both frameworks are imported in each: the weights come from the "
@@ -551,12 +563,14 @@ def parse_args(argv=None):
   p.add_argument("--allocators", type=_parse_list, default=None,
                  help="PyTorch allocators on a CPU: shipped (always) and jemalloc (default: "
                       "when libjemalloc is installed)")
-  p.add_argument("--jemalloc_tasks", type=_parse_list, default=["step"],
-                 help="the cases (step, embed) timed with PyTorch+jemalloc too")
+  p.add_argument("--jemalloc_cases", type=_parse_list, default=None,
+                 help="<task>:<dtype> entries timed with PyTorch+jemalloc too (default: the first "
+                      "--sizes step in every dtype)")
   p.add_argument("--no_memory", action="store_true", help="skip the peak-memory child processes")
   p.add_argument("--memory_cases", type=_parse_list, default=None,
                  help="<task>:<dtype> entries (embed64:float32, step8x4:bfloat16) to measure the "
-                      "peak memory of (default: every case)")
+                      "peak memory of (default: the embedding in float32 and the first --sizes "
+                      "step in every dtype)")
   p.add_argument("--remat", type=_parse_list, default=None,
                  help="JAX: model.vision.remat stages (stem,layer1,...,layer4; default: the config's)")
   p.add_argument("--tolerance", type=float, default=1e-3,
@@ -611,7 +625,13 @@ def main(argv=None) -> None:
   print(f"test-time features agree to {parity[0]:.3g} (max abs difference; between images: "
         f"{parity[1]:.3g})", flush=True)
   rows, memory = [], {}
-  want_memory = None if args.memory_cases is None else set(args.memory_cases)
+  first_step = ([f"step{args.sizes[0][0]}x{args.sizes[0][1]}:{d}" for d in args.dtypes]
+                if args.sizes else [])
+  want_memory = args.memory_cases
+  if want_memory is None:
+    want_memory = ([f"embed{args.embed_batch}:float32"] if args.embed_batch else []) + first_step
+  want_memory = set(want_memory)
+  want_tuned = set(first_step if args.jemalloc_cases is None else args.jemalloc_cases)
 
   def emit() -> str:
     md = report(args, rows, memory, parity, (load_before, os.getloadavg()), note, command)
@@ -625,14 +645,14 @@ def main(argv=None) -> None:
     for task in tasks:
       print(f"{_task_label(task)}, {dtype}", flush=True)
       rows.append(time_case(task, dtype, args, peer, vision, variables,
-                            tuned and task[0] in args.jemalloc_tasks,
+                            tuned and f"{_task_name(task)}:{dtype}" in want_tuned,
                             jax_case=prebuilt.pop((task, dtype), None)))
       emit()  # partial results survive an interrupted run
   if not args.no_memory and not gpu:  # on a GPU each framework's peak is measured in-process
     for dtype in args.dtypes:
       for task in tasks:
         key = (_task_name(task), dtype)
-        if want_memory is not None and f"{key[0]}:{key[1]}" not in want_memory:
+        if f"{key[0]}:{key[1]}" not in want_memory:
           continue
         memory[key] = {fw: spawn(fw, key[0], dtype, args)[0]["peak_gib"] for fw in ("jax", "torch")}
         print(f"memory {key}: {memory[key]}", flush=True)

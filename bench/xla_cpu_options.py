@@ -1,7 +1,7 @@
 """XLA:CPU options and ResNet rematerialisation on the RN50 step and embedding: what each one gives.
 
   python -m bench.xla_cpu_options                          # every variant, P=2 K=4 and batch 16
-  python -m bench.xla_cpu_options --variants=default,eigen --rounds=1 --no_write
+  python -m bench.xla_cpu_options --variants=jaxlib,project,eigen --rounds=1 --no_write
 
 Each variant is a set of XLA_FLAGS (options the pinned jaxlib accepts; `python -m
 bench.xla_cpu_options --list` prints them) or a `model.vision.remat` setting. Every run is a fresh
@@ -9,9 +9,10 @@ child process of bench.vs_torch (--child=jax: the project's model and trainer st
 of the PyTorch peer) doing the embedding (the test-time feature with the mirrored copy) and then
 the train step; variants take turns round after round, so a loaded machine slows them alike. Per
 variant: median seconds of the timed calls, the process's peak resident memory after each task,
-and how far its results are from the default's (max |difference| of the features, and of the
-losses of the first two steps): an option that changes results beyond float rounding cannot become
-a default.
+and how far its results are from the first variant's (max |difference| of the features; the first
+step's loss and gradient norm): an option that changes results beyond float rounding cannot become
+a default. The variants start from jaxlib's defaults, except `project` and `project_eigen`: the
+project's own XLA:CPU options (eees_jax/xla_cpu.py), which came out of this table.
 """
 from __future__ import annotations
 
@@ -25,12 +26,21 @@ import numpy as np
 
 from bench import vs_torch
 from bench._report import write_section
+from eees_jax import xla_cpu
 
 _YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution"
-# name -> (XLA_FLAGS, remat stages or None for the config's default, what it is)
+# name -> (XLA_FLAGS, remat stages or None for the config's default, what it is). All but
+# "project" and "project_eigen" run without the project's XLA:CPU options (eees_jax/xla_cpu.py),
+# from jaxlib's defaults.
 VARIANTS = {
-    "default": ("", None, "jaxlib's defaults: convolutions and matmuls in YNNPACK fusions"),
+    "jaxlib": ("", None, "jaxlib's defaults: convolutions and matmuls in YNNPACK fusions"),
+    "project": ("", None, "the project's default (eees_jax/xla_cpu.py, train step only): "
+                          "memory-optimised schedule"),
+    "project_eigen": ("", None, "the project's opt-in EEES_JAX_XLA_CPU_CONVOLUTIONS=eigen (train "
+                                "step only): Eigen convolutions, memory-optimised schedule"),
     "eigen": (_YNN_OFF, None, "no YNNPACK: convolutions and matmuls on XLA's Eigen runtime"),
+    "eigen_conv": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", None,
+                   "Eigen convolutions, YNNPACK matmuls"),
     "ynn_conv_eigen_dot": ("--xla_cpu_experimental_ynn_fusion_type=-individual_dot", None,
                            "YNNPACK convolutions, Eigen matmuls"),
     "onednn_dot": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot",
@@ -55,9 +65,9 @@ VARIANTS = {
 }
 
 
-# Timed by default: the variants whose program differs from the default's, or whose machine code
-# may (LLVM code-generation flags). xnn_graph, sched_concurrency and fast_runtime compile the RN50
-# step and embedding to the default's optimised HLO with this jaxlib (the "HLO as first" column).
+# Timed by default: the variants whose program differs from jaxlib's default one, or whose machine
+# code may (LLVM code-generation flags). xnn_graph, sched_concurrency and fast_runtime compile the
+# RN50 step and embedding to the default optimised HLO with this jaxlib ("HLO as first" column).
 TIMED = tuple(v for v in VARIANTS if v not in ("xnn_graph", "sched_concurrency", "fast_runtime"))
 
 
@@ -80,7 +90,9 @@ def run(args) -> tuple[list[dict], dict]:
           continue
         flags, remat, _ = VARIANTS[name]
         save = os.path.join(tmp, f"{name}_{r}")
-        env = {"XLA_FLAGS": " ".join(filter(None, (base_flags, flags)))}
+        env = {"XLA_FLAGS": " ".join(filter(None, (base_flags, flags))),
+               xla_cpu.ENV_SWITCH: "1" if name.startswith("project") else "0",
+               xla_cpu.ENV_CONVOLUTIONS: "eigen" if name == "project_eigen" else "ynnpack"}
         try:
           results = vs_torch.spawn("jax", tasks, args.dtype, args, env=env,
                                    remat=remat if remat is not None else args.remat, save=save)
@@ -175,7 +187,7 @@ def report(args, rows: list[dict], tasks: list[str], load: tuple, command: str) 
   return "\n".join(lines)
 
 
-KERNEL_BACKENDS = ("default", "eigen", "onednn_dot", "pytorch")  # pytorch: the same kernels in torch
+KERNEL_BACKENDS = ("jaxlib", "eigen", "onednn_dot", "pytorch")  # pytorch: the same kernels in torch
 
 
 def kernel_child() -> None:
@@ -275,6 +287,7 @@ def kernel_table(rounds: int) -> str:
       else:
         env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, (os.environ.get("XLA_FLAGS", ""),
                                                                 VARIANTS[name][0]))))
+        env[xla_cpu.ENV_SWITCH] = "0"
       proc = subprocess.run([sys.executable, "-m", "bench.xla_cpu_options", "--kernel_child"],
                             capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

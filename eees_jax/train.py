@@ -36,7 +36,7 @@ from tqdm import tqdm
 from data_pipelines import registry
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import VISIBLE, DatasetError, ImageRecord
-from eees_jax import checkpoints, config_validation, embedding, losses, sharding, summaries
+from eees_jax import checkpoints, config_validation, embedding, losses, sharding, summaries, xla_cpu
 from eees_jax.experiment import Experiment, TrainState, build_experiment, init_experiment_state
 from eees_jax.models import eees as eees_lib
 from eees_jax.models import tokenizer as tokenizer_lib
@@ -335,7 +335,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mngr,
   step_fn = jax.jit(functools.partial(train_step, model=exp.model, text_model=exp.text_model,
                                       tx=exp.tx, loss_cfg=config.loss),
                     in_shardings=(state_sh, sharding.batch_sharded(mesh), rep),
-                    out_shardings=(state_sh, rep), donate_argnums=(0,))
+                    out_shardings=(state_sh, rep), donate_argnums=(0,),
+                    compiler_options=xla_cpu.compiler_options())
 
   P, K = config.input.P, config.input.K
   global_batch = 3 * P * K
