@@ -130,14 +130,16 @@ class JaxEmbed(_Case):
   def __init__(self, vision, variables, args, batch: int, dtype: str):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from eees_jax import embedding, experiment  # pylint: disable=g-import-not-at-top
+    from eees_jax import embedding, experiment, xla_cpu  # pylint: disable=g-import-not-at-top
     cfg = jax_config(vision, args.height, args.width, 1, 1, dtype, args.remat)
     model = experiment.build_model(experiment.model_spec(cfg, NUM_CLASSES, pretrained=None))
     self._vars = jax.device_put(jax.tree.map(jnp.asarray, variables))
     self._x = jax.device_put(_images(batch, args.height, args.width, 1))
     self._m = jax.device_put(np.arange(batch, dtype=np.int32) % 2)
     t = time.perf_counter()
-    self._fn = self.compiled = embedding.test_feature_fn(model.eees, flip=True).lower(
+    fn = embedding.test_feature_fn(model.eees, flip=True,  # as evaluation and inference run it
+                                   compiler_options=xla_cpu.compiler_options())
+    self._fn = self.compiled = fn.lower(
         self._vars, self._x, self._m).compile()
     self.compile_s = time.perf_counter() - t
     self.images = batch

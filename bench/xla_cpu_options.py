@@ -11,7 +11,7 @@ the train step; variants take turns round after round, so a loaded machine slows
 variant: median seconds of the timed calls, the process's peak resident memory after each task,
 and how far its results are from the first variant's (max |difference| of the features; the first
 step's loss and gradient norm): an option that changes results beyond float rounding cannot become
-a default. The variants start from jaxlib's defaults, except `project` and `project_eigen`: the
+a default. The variants start from jaxlib's defaults, except `project` and `project_ynnpack`: the
 project's own XLA:CPU options (eees_jax/xla_cpu.py), which came out of this table.
 """
 from __future__ import annotations
@@ -30,14 +30,14 @@ from eees_jax import xla_cpu
 
 _YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution"
 # name -> (XLA_FLAGS, remat stages or None for the config's default, what it is). All but
-# "project" and "project_eigen" run without the project's XLA:CPU options (eees_jax/xla_cpu.py),
+# "project" and "project_ynnpack" run without the project's XLA:CPU options (eees_jax/xla_cpu.py),
 # from jaxlib's defaults.
 VARIANTS = {
     "jaxlib": ("", None, "jaxlib's defaults: convolutions and matmuls in YNNPACK fusions"),
     "project": ("", None, "the project's default (eees_jax/xla_cpu.py, train step only): "
-                          "memory-optimised schedule"),
-    "project_eigen": ("", None, "the project's opt-in EEES_JAX_XLA_CPU_CONVOLUTIONS=eigen (train "
-                                "step only): Eigen convolutions, memory-optimised schedule"),
+                          "Eigen convolutions, memory-optimised schedule"),
+    "project_ynnpack": ("", None, "the project's opt-out EEES_JAX_XLA_CPU_CONVOLUTIONS=ynnpack "
+                                  "(train step only): memory-optimised schedule"),
     "eigen": (_YNN_OFF, None, "no YNNPACK: convolutions and matmuls on XLA's Eigen runtime"),
     "eigen_conv": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", None,
                    "Eigen convolutions, YNNPACK matmuls"),
@@ -92,7 +92,7 @@ def run(args) -> tuple[list[dict], dict]:
         save = os.path.join(tmp, f"{name}_{r}")
         env = {"XLA_FLAGS": " ".join(filter(None, (base_flags, flags))),
                xla_cpu.ENV_SWITCH: "1" if name.startswith("project") else "0",
-               xla_cpu.ENV_CONVOLUTIONS: "eigen" if name == "project_eigen" else "ynnpack"}
+               xla_cpu.ENV_CONVOLUTIONS: "ynnpack" if name == "project_ynnpack" else "eigen"}
         try:
           results = vs_torch.spawn("jax", tasks, args.dtype, args, env=env,
                                    remat=remat if remat is not None else args.remat, save=save)

@@ -17,20 +17,24 @@ from tqdm import tqdm
 
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import ImageRecord
-from eees_jax import sharding
+from eees_jax import sharding, xla_cpu
 from eees_jax.models import eees as eees_lib
 
 ImageFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
-def test_feature_fn(model: eees_lib.EEES, flip: bool) -> ImageFn:
+def test_feature_fn(model: eees_lib.EEES, flip: bool,
+                    compiler_options: dict[str, str] | None = None) -> ImageFn:
   """jit(variables, images uint8 [B, H, W, 3], modality int32 [B]) -> [B, D] test-time features
-  (SPEC section 1: concat(l2(BN f), l2(v)), and the same of the mirrored image with `flip`)."""
-  @jax.jit
+  (SPEC section 1: concat(l2(BN f), l2(v)), and the same of the mirrored image with `flip`).
+
+  compiler_options: XLA's, for a top-level jit (eees_jax/xla_cpu.py); None where the function is
+  nested in another jit (export), which cannot take them.
+  """
   def embed(variables, images, modality):
     x = normalize(images, CLIP_MEAN, CLIP_STD)
     return model.apply(variables, x, modality, flip=flip, method=eees_lib.EEES.embed)
-  return embed
+  return jax.jit(embed, compiler_options=compiler_options)
 
 
 def joint_feature_fn(model: eees_lib.EEES) -> ImageFn:
@@ -84,7 +88,7 @@ class RecordExtractor:
                images: Any, height: int, width: int, batch_size: int, flip: bool,
                threads: int | None = None, progress: bool = False,
                before_batch: Callable[[], None] | None = None):
-    self._embed = test_feature_fn(model, flip)
+    self._embed = test_feature_fn(model, flip, xla_cpu.compiler_options())
     self._variables, self._mesh, self._images = variables, mesh, images
     self._size = dict(height=height, width=width, batch_size=batch_size, threads=threads)
     self._progress, self._before_batch = progress, before_batch

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines.records import INFRARED, MODALITY_NAMES, VISIBLE, ImageRecord
-from eees_jax import checkpoints, embedding, experiment, sharding
+from eees_jax import checkpoints, embedding, experiment, sharding, xla_cpu
 from eees_jax.checkpoints import WorkdirError
 from eees_jax.models import eees as eees_lib
 from eees_jax.models import tokenizer as tokenizer_lib
@@ -58,7 +58,8 @@ class Embedder:
     self._model, self._variables, self._text_params = model, variables, text_params
     self._tokenizer, self._mesh = tokenizer, mesh
     self.tokenizer, self.tokenizer_spec = tokenizer, checkpoints.tokenizer_spec(workdir, record)
-    self._test_fn = embedding.test_feature_fn(model.eees, self.flip)
+    self._test_fn = embedding.test_feature_fn(model.eees, self.flip, xla_cpu.compiler_options())
+    self._nestable_test_fn = embedding.test_feature_fn(model.eees, self.flip)
     self._joint_fn = embedding.joint_feature_fn(model.eees)
     self._text_fn = jax.jit(
         lambda p, t: eees_lib.l2_normalize(model.text.apply({"params": p}, t).astype(np.float32)))
@@ -113,8 +114,8 @@ class Embedder:
   def image_function(self) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any]:
     """(fn, variables): fn(variables, images uint8 [B, height, width, 3], modality int32 [B]) ->
     test-time features [B, feature_dim], CLIP normalisation inside: what embed_images runs on each
-    batch (for eees_jax.export)."""
-    return self._test_fn, self._variables
+    batch, without the CPU compile options, so that eees_jax.export can wrap it in its own jit."""
+    return self._nestable_test_fn, self._variables
 
   def text_function(self) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
     """(fn, params): fn(params, tokens int32 [B, context_length]) -> unit text features

@@ -30,17 +30,18 @@ def test_options_reach_the_program(monkeypatch):
   x = jnp.asarray(rng.standard_normal((2, 16, 8, 32)), jnp.float32)
   k = jnp.asarray(0.1 * rng.standard_normal((3, 3, 32, 32)), jnp.float32)
   plain = jax.jit(_conv_grad).lower(x, k).compile()
-  default = xla_cpu.compiler_options("cpu")
-  assert default == xla_cpu.DEFAULTS
-  monkeypatch.setenv(xla_cpu.ENV_CONVOLUTIONS, "eigen")
+  monkeypatch.delenv(xla_cpu.ENV_CONVOLUTIONS, raising=False)
   eigen = xla_cpu.compiler_options("cpu")
-  assert eigen == {**xla_cpu.DEFAULTS, **xla_cpu.EIGEN_CONVOLUTIONS}
-  with_default = jax.jit(_conv_grad, compiler_options=default).lower(x, k).compile()
+  assert eigen == {**xla_cpu.SCHEDULE, **xla_cpu.EIGEN_CONVOLUTIONS}
+  monkeypatch.setenv(xla_cpu.ENV_CONVOLUTIONS, "ynnpack")
+  ynnpack = xla_cpu.compiler_options("cpu")
+  assert ynnpack == xla_cpu.SCHEDULE
+  with_ynnpack = jax.jit(_conv_grad, compiler_options=ynnpack).lower(x, k).compile()
   with_eigen = jax.jit(_conv_grad, compiler_options=eigen).lower(x, k).compile()
   # jaxlib sends the three convolutions (forward, input and kernel gradients) and the matmul to
-  # YNNPACK; the default keeps that, the opt-in takes the convolutions back to XLA's own path.
-  assert _fusions(plain) == _fusions(with_default) > _fusions(with_eigen) >= 1
-  for compiled in (with_default, with_eigen):
+  # YNNPACK; the opt-out keeps that, the default takes the convolutions back to XLA's own path.
+  assert _fusions(plain) == _fusions(with_ynnpack) > _fusions(with_eigen) >= 1
+  for compiled in (with_ynnpack, with_eigen):
     for a, b in zip(plain(x, k), compiled(x, k)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
