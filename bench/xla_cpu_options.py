@@ -34,10 +34,11 @@ _YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_c
 # from jaxlib's defaults.
 VARIANTS = {
     "jaxlib": ("", None, "jaxlib's defaults: convolutions and matmuls in YNNPACK fusions"),
-    "project": ("", None, "the project's default (eees_jax/xla_cpu.py, train step only): "
+    "project": ("", None, "the project's default (eees_jax/xla_cpu.py; train step and test-time "
+                          "feature): "
                           "Eigen convolutions, memory-optimised schedule"),
     "project_ynnpack": ("", None, "the project's opt-out EEES_JAX_XLA_CPU_CONVOLUTIONS=ynnpack "
-                                  "(train step only): memory-optimised schedule"),
+                                  "(train step and test-time feature): memory-optimised schedule"),
     "eigen": (_YNN_OFF, None, "no YNNPACK: convolutions and matmuls on XLA's Eigen runtime"),
     "eigen_conv": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", None,
                    "Eigen convolutions, YNNPACK matmuls"),
