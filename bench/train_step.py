@@ -157,10 +157,11 @@ def build(model_name: str, P: int, K: int, dtype: str, num_classes: int = 395):
 
 
 def build_step(cfg, P: int, K: int, num_classes: int = 395, variables: dict | None = None,
-               seed: int = 0):
-  """The trainer's jitted step (donated state) for config `cfg`, compiled for a batch of 3PK random
-  uint8 images (V, Vc, R: labels repeated per view, modality 0, 0, 1) and random frozen description
-  features; `variables` ({'params', 'batch_stats'} of the EEES module) replaces the fresh model.
+               seed: int = 0, donate: bool = True):
+  """The trainer's jitted step (donated state unless `donate` is False) for config `cfg`,
+  compiled for a batch of 3PK random uint8 images (V, Vc, R: labels repeated per view, modality
+  0, 0, 1) and random frozen description features; `variables` ({'params', 'batch_stats'} of the
+  EEES module) replaces the fresh model.
 
   Returns (compiled, state, batch, text, compile_s).
   """
@@ -183,7 +184,7 @@ def build_step(cfg, P: int, K: int, num_classes: int = 395, variables: dict | No
   text = {"index": jnp.arange(n, dtype=jnp.int32),
           "features": jnp.asarray(rng.standard_normal((n, dim)).astype(np.float32))}
   step = jax.jit(functools.partial(train.train_step, model=model.eees, text_model=None, tx=tx,
-                                   loss_cfg=cfg.loss), donate_argnums=(0,),
+                                   loss_cfg=cfg.loss), donate_argnums=(0,) if donate else (),
                  compiler_options=xla_cpu.compiler_options())  # as the trainer's
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, text).compile()

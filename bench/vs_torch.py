@@ -175,8 +175,9 @@ class JaxStep(_Case):
     import jax  # pylint: disable=g-import-not-at-top
     from bench import train_step  # pylint: disable=g-import-not-at-top
     cfg = jax_config(vision, args.height, args.width, P, K, dtype, args.remat)
+    donate = not getattr(args, "no_donate", False)
     self._step, self._state, self._batch, self._text, self.compile_s = train_step.build_step(
-        cfg, P, K, NUM_CLASSES, variables=variables)
+        cfg, P, K, NUM_CLASSES, variables=variables, donate=donate)
     self.compiled = self._step
     self._batch = dict(self._batch, images=jax.device_put(_step_images(P, K, args)))
     self.images = 3 * P * K
@@ -314,6 +315,8 @@ def spawn(framework: str, tasks: str, dtype: str, args, allocator: str = "shippe
          f"--width={args.width}", f"--calls={getattr(args, 'child_calls', 1)}"]
   if remat is not None:
     cmd.append(f"--remat={','.join(remat)}")
+  if getattr(args, "no_donate", False):
+    cmd.append("--no_donate")
   if save:
     cmd.append(f"--child_save={save}")
   proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -476,7 +479,8 @@ def report(args, rows: list[dict], memory: dict, parity: tuple, load: tuple, all
            + "  ",
            f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; the project's XLA:CPU "
            f"compile options (eees_jax/xla_cpu.py): `{_xla_options()}`; JAX remat: "
-           f"{','.join(args.remat) if args.remat else 'off'}", "",
+           f"{','.join(args.remat) if args.remat else 'off'}; donated train state: "
+           f"{'no' if getattr(args, 'no_donate', False) else 'yes'}", "",
            f"Same random weights in both (the PyTorch state dict through eees_jax.weights); "
            f"input {args.height}x{args.width}; test-time features of the same 4 images agree to "
            f"{parity[0]:.2g} (max abs difference, float32, eval mode; features of two different "
@@ -575,6 +579,8 @@ def parse_args(argv=None):
                       "step in every dtype)")
   p.add_argument("--remat", type=_parse_list, default=None,
                  help="JAX: model.vision.remat stages (stem,layer1,...,layer4; default: the config's)")
+  p.add_argument("--no_donate", action="store_true",
+                 help="JAX: keep the old train state's buffers (the trainer donates them)")
   p.add_argument("--tolerance", type=float, default=1e-3,
                  help="largest allowed |difference| of the two models' test-time features")
   p.add_argument("--no_write", action="store_true", help="print only, leave BENCHMARKS.md alone")
