@@ -29,7 +29,7 @@ demo: venv
 	$(BIN)/python -m eees_jax.main --config=configs/synthetic.py --workdir=$(WORKDIR)
 
 # JAX against PyTorch on the same RN50 model (bench/vs_torch.py; PyTorch from the test extras).
-# About 20 minutes on 2 CPU cores; writes its section of BENCHMARKS.md.
+# About 35 minutes on 2 CPU cores (--rounds=2 took 25); writes its section of BENCHMARKS.md.
 bench-torch: venv-test
 	$(BIN)/python -m bench.vs_torch $(BENCH_ARGS)
 
