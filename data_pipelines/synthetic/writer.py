@@ -117,7 +117,7 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
   purpose="benchmark": ids split into test (`num_test`, default a third), val (`val_fraction`) and
   train. purpose="pretrain": every id is a training id (the CLIP pretraining set of SPEC section 6;
   give it its own seed so its people are not the benchmark's).
-  Returns: {"out", "ids": {split: count}, "images_per_camera": {camid: count}, "images",
+  Returns: {"out" (absolute), "given" (`out` as passed), "ids": {split: count}, "images_per_camera": {camid: count}, "images",
   "descriptions", "oracle": {...} (benchmark only), "seconds", "settings"}.
   """
   start = time.perf_counter()
@@ -131,8 +131,9 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
                                 ir_colour_wrong=ir_colour_wrong,
                                 visible_colour_missing=visible_colour_missing)
   scene = Scene(clutter=clutter, far_prob=far_prob, occluder_prob=occluder_prob)
-  out = os.path.abspath(os.fspath(out))
-  _check_out(out, overwrite)
+  given = os.fspath(out)   # what messages show: the caller's path, not this machine's absolute one
+  out = os.path.abspath(given)
+  _check_out(given, overwrite)
   if purpose == "benchmark":
     splits = assign_splits(seed, num_ids, val_fraction, num_test)
   else:
@@ -173,7 +174,7 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
     shutil.rmtree(staging, ignore_errors=True)
 
   summary = {
-      "out": out,
+      "out": out, "given": given,
       "ids": {s: sum(1 for i in identities if i.split == s)
               for s in (("train", "val", "test") if purpose == "benchmark" else ("pretrain",))},
       "images_per_camera": {c: sum(1 for j in jobs if j[1] == c) for c in CAMERAS},
@@ -240,7 +241,7 @@ def format_summary(summary: dict) -> str:
     who = f"{ids['train']} train + {ids['val']} val (training), {ids['test']} test"
   else:
     who = f"{ids['pretrain']} (pretraining set: no test identities)"
-  lines = [f"synthetic SYSU-MM01 layout written to {summary['out']}",
+  lines = [f"synthetic SYSU-MM01 layout written to {summary.get('given', summary['out'])}",
            f"  identities: {who}",
            f"  images: {summary['images']} ({cams})",
            f"  descriptions: {summary['descriptions']} in {DESCRIPTIONS} (truth in {CAPTION_TRUTH})"]
