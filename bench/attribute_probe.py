@@ -36,7 +36,8 @@ from eees_jax.evaluation import protocols
 from eees_jax.models import towers
 
 
-def attribute_table(root: str, attributes=SHARED_ATTRIBUTES) -> tuple[dict[int, list[int]], list[list[str]]]:
+def attribute_table(root: str, attributes: tuple[str, ...] = SHARED_ATTRIBUTES
+                    ) -> tuple[dict[int, list[int]], list[list[str]]]:
   """(pid -> value index per attribute, the sorted values of each attribute) from synthetic.json."""
   path = os.path.join(root, "synthetic.json")
   if not os.path.isfile(path):
@@ -68,7 +69,8 @@ def run(args) -> dict:
   variables = tower.init(key, jnp.zeros((2, args.height, args.width, 3)), jnp.array([0, 1]))
   sizes = [len(v) for v in values]
   offsets = np.cumsum([0] + sizes)
-  head = {"w": 0.01 * jax.random.normal(jax.random.fold_in(key, 1), (vision["output_dim"], sum(sizes))),
+  head_shape = (vision["output_dim"], sum(sizes))
+  head = {"w": 0.01 * jax.random.normal(jax.random.fold_in(key, 1), head_shape),
           "b": jnp.zeros(sum(sizes))}
   params = {"tower": variables["params"], "head": head}
   batch_stats = variables["batch_stats"]
@@ -77,9 +79,11 @@ def run(args) -> dict:
 
   def logits(p, stats, images, modality, train):
     x = normalize(images, CLIP_MEAN, CLIP_STD)
-    out = tower.apply({"params": p["tower"], "batch_stats": stats}, x, modality, train=train,
-                      mutable=["batch_stats"] if train else False)
-    out, new = out if train else (out, None)
+    variables = {"params": p["tower"], "batch_stats": stats}
+    if train:
+      out, new = tower.apply(variables, x, modality, train=True, mutable=["batch_stats"])
+    else:
+      out, new = tower.apply(variables, x, modality, train=False), None
     z = out["pooled"].astype(jnp.float32) @ p["head"]["w"] + p["head"]["b"]
     return [z[:, offsets[k]:offsets[k + 1]] for k in range(len(sizes))], new
 
@@ -98,19 +102,21 @@ def run(args) -> dict:
   def features(p, stats, images, modality):
     parts, _ = logits(p, stats, images, modality, False)
     probs = jnp.concatenate([jax.nn.softmax(z, axis=-1) for z in parts], axis=-1)
-    return probs / jnp.linalg.norm(probs, axis=-1, keepdims=True), [jnp.argmax(z, -1) for z in parts]
+    unit = probs / jnp.linalg.norm(probs, axis=-1, keepdims=True)
+    return unit, [jnp.argmax(z, -1) for z in parts]
 
   rng = np.random.default_rng(args.seed)
   start = time.perf_counter()
   bar = tqdm(range(args.steps), desc="probe", unit="step")
-  for _ in bar:
+  for i in bar:
     idx = rng.choice(len(records), args.batch, replace=False)
     images = x_all[idx].copy()
     mirror = rng.random(args.batch) < 0.5
     images[mirror] = images[mirror, :, ::-1]
     params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, images, y_all[idx],
                                                 m_all[idx])
-    bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+    if i % 50 == 0:  # reading the loss waits for the step: not every step
+      bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
   train_s = time.perf_counter() - start
 
   val = sysu_mm01.test_records(args.root, "val")
@@ -148,7 +154,8 @@ def main(argv=None) -> None:
   p.add_argument("--out", default="", help="also write the result as JSON here")
   args = p.parse_args(argv)
   result = run(args)
-  print(f"attribute probe, {args.steps} steps of {args.batch} images ({result['train_seconds']:.0f} s): "
+  print(f"attribute probe, {args.steps} steps of {args.batch} images "
+        f"({result['train_seconds']:.0f} s): "
         f"val all-search Rank-1 {result['rank1']:.2f} mAP {result['mAP']:.2f}")
   for name, acc in result["accuracy"].items():
     print(f"  {name} attribute accuracy: " + " ".join(f"{a} {v:.2f}" for a, v in acc.items()))

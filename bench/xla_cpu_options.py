@@ -35,8 +35,7 @@ _YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_c
 VARIANTS = {
     "jaxlib": ("", None, "jaxlib's defaults: convolutions and matmuls in YNNPACK fusions"),
     "project": ("", None, "the project's default (eees_jax/xla_cpu.py; train step and test-time "
-                          "feature): "
-                          "Eigen convolutions, memory-optimised schedule"),
+                          "feature): Eigen convolutions, memory-optimised schedule"),
     "project_ynnpack": ("", None, "the project's opt-out EEES_JAX_XLA_CPU_CONVOLUTIONS=ynnpack "
                                   "(train step and test-time feature): memory-optimised schedule"),
     "eigen": (_YNN_OFF, None, "no YNNPACK: convolutions and matmuls on XLA's Eigen runtime"),

@@ -59,7 +59,6 @@ class Embedder:
     self._tokenizer, self._mesh = tokenizer, mesh
     self.tokenizer, self.tokenizer_spec = tokenizer, checkpoints.tokenizer_spec(workdir, record)
     self._test_fn = embedding.test_feature_fn(model.eees, self.flip, xla_cpu.compiler_options())
-    self._nestable_test_fn = embedding.test_feature_fn(model.eees, self.flip)
     self._joint_fn = embedding.joint_feature_fn(model.eees)
     self._text_fn = jax.jit(
         lambda p, t: eees_lib.l2_normalize(model.text.apply({"params": p}, t).astype(np.float32)))
@@ -115,7 +114,7 @@ class Embedder:
     """(fn, variables): fn(variables, images uint8 [B, height, width, 3], modality int32 [B]) ->
     test-time features [B, feature_dim], CLIP normalisation inside: what embed_images runs on each
     batch, without the CPU compile options, so that eees_jax.export can wrap it in its own jit."""
-    return self._nestable_test_fn, self._variables
+    return embedding.test_feature_fn(self._model.eees, self.flip), self._variables
 
   def text_function(self) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
     """(fn, params): fn(params, tokens int32 [B, context_length]) -> unit text features

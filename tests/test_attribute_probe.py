@@ -1,4 +1,4 @@
-"""bench.attribute_probe: attribute targets from synthetic.json, and a run end to end on a tiny set."""
+"""bench.attribute_probe: attribute targets from synthetic.json; a run end to end on a tiny set."""
 import json
 
 import pytest
@@ -11,7 +11,8 @@ from test_train import TINY_SET
 
 def test_attribute_table_indexes_sorted_values(tmp_path):
   people = []
-  for pid, (gender, bag) in enumerate([("woman", "none"), ("man", "handbag"), ("man", "backpack")], 1):
+  people_attributes = [("woman", "none"), ("man", "handbag"), ("man", "backpack")]
+  for pid, (gender, bag) in enumerate(people_attributes, 1):
     person = {a: "x" for a in SHARED_ATTRIBUTES}
     person.update(pid=pid, gender=gender, bag=bag)
     people.append(person)

@@ -117,8 +117,9 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
   purpose="benchmark": ids split into test (`num_test`, default a third), val (`val_fraction`) and
   train. purpose="pretrain": every id is a training id (the CLIP pretraining set of SPEC section 6;
   give it its own seed so its people are not the benchmark's).
-  Returns: {"out" (absolute), "given" (`out` as passed), "ids": {split: count}, "images_per_camera": {camid: count}, "images",
-  "descriptions", "oracle": {...} (benchmark only), "seconds", "settings"}.
+  Returns: {"out" (absolute), "given" (`out` as passed), "ids": {split: count},
+  "images_per_camera": {camid: count}, "images", "descriptions", "oracle": {...} (benchmark only),
+  "seconds", "settings"}.
   """
   start = time.perf_counter()
   if images_per_camera < 1 or height < 16 or width < 8:
@@ -241,7 +242,7 @@ def format_summary(summary: dict) -> str:
     who = f"{ids['train']} train + {ids['val']} val (training), {ids['test']} test"
   else:
     who = f"{ids['pretrain']} (pretraining set: no test identities)"
-  lines = [f"synthetic SYSU-MM01 layout written to {summary.get('given', summary['out'])}",
+  lines = [f"synthetic SYSU-MM01 layout written to {summary['given']}",
            f"  identities: {who}",
            f"  images: {summary['images']} ({cams})",
            f"  descriptions: {summary['descriptions']} in {DESCRIPTIONS} (truth in {CAPTION_TRUTH})"]
