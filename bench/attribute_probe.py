@@ -14,6 +14,15 @@ attribute oracle the generator prints: EEES has to find these cues through the d
 (whose attributes are partly missing or wrong) and identity labels, and an EEES run far below
 this probe at the same number of steps is held back by its objective, not by what the pictures
 show. It never looks at the test identities.
+
+  python -m bench.attribute_probe --root data/synthetic --train_root data/synthetic_pretrain \
+      --save workdir/probe_clip --text_from data/synthetic_clip
+
+--train_root trains on every identity of another generated set instead (e.g. a pretraining set:
+other people, so how much identity diversity buys can be measured), still scoring --root's val
+ids. --save writes the trained tower as a converted-CLIP folder, with the text tower (and
+temperature) of the --text_from checkpoint, for `--config.model.init.checkpoint`: what EEES does
+from a tower that already reads the shared attributes in both modalities.
 """
 from __future__ import annotations
 
@@ -57,10 +66,20 @@ def _pid(path: str) -> int:
 
 def run(args) -> dict:
   table, values = attribute_table(args.root)
-  records = list(sysu_mm01.train_set(args.root, holdout=True).records)
-  print(f"decoding {len(records)} training images at {args.height}x{args.width}", flush=True)
-  x_all = input_pipeline.decode_images(args.root, records, height=args.height, width=args.width)
-  y_all = np.array([table[_pid(r.path)] for r in records], np.int32)
+  if args.train_root:
+    train_root = args.train_root
+    train_table, train_values = attribute_table(train_root)
+    if train_values != values:
+      raise SystemExit(f"{train_root} and {args.root} have different attribute values "
+                       f"({train_values} vs {values}); generate both with this generator version")
+    records = sysu_mm01.training_records(train_root)
+  else:
+    train_root, train_table = args.root, table
+    records = list(sysu_mm01.train_set(args.root, holdout=True).records)
+  print(f"decoding {len(records)} training images of {train_root} at {args.height}x{args.width}",
+        flush=True)
+  x_all = input_pipeline.decode_images(train_root, records, height=args.height, width=args.width)
+  y_all = np.array([train_table[_pid(r.path)] for r in records], np.int32)
   m_all = np.array([r.modality for r in records], np.int32)
 
   vision = dict(synthetic_config.get_config().model.vision)
@@ -137,8 +156,25 @@ def run(args) -> dict:
 
   res = protocols.evaluate_sysu(extract, args.root, modes=("all",), trials=args.trials, split="val")
   mean = res["settings"]["all-search single-shot"]["mean"]
+  if args.save:
+    save_tower(args.save, args.text_from, jax.device_get(params["tower"]), jax.device_get(batch_stats))
   return {"rank1": float(mean["rank1"]), "mAP": float(mean["mAP"]), "train_seconds": train_s,
           "steps": args.steps, "batch": args.batch, "accuracy": accuracy}
+
+
+def save_tower(out: str, text_from: str, params, batch_stats) -> None:
+  """The probe's tower with the text tower of `text_from`, as a converted-CLIP folder at `out`."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from eees_jax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  base = weights_lib.load_clip(text_from)
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  if shapes(base.vision_params) != shapes(params):
+    raise SystemExit(f"{text_from}: its image tower differs from configs/synthetic.py's "
+                     "model.vision; give a checkpoint pretrained with this config")
+  weights_lib.save_converted(dataclasses.replace(base, vision_params=params,
+                                                 vision_batch_stats=batch_stats,
+                                                 source="bench.attribute_probe"), out)
+  print(f"wrote the probe's tower to {out} (text tower from {text_from})")
 
 
 def main(argv=None) -> None:
@@ -152,7 +188,19 @@ def main(argv=None) -> None:
   p.add_argument("--trials", type=int, default=3, help="gallery draws of the protocol")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="", help="also write the result as JSON here")
+  p.add_argument("--train_root", default="",
+                 help="train on every identity of this generated set (default: --root's "
+                      "training ids)")
+  p.add_argument("--save", default="", help="write the trained tower as a converted-CLIP folder here")
+  p.add_argument("--text_from", default="data/synthetic_clip",
+                 help="with --save: the converted CLIP whose text tower goes with it")
   args = p.parse_args(argv)
+  if args.save:
+    if os.path.exists(args.save) and os.listdir(args.save):
+      raise SystemExit(f"--save {args.save}: exists and is not empty; choose another folder")
+    if not os.path.isfile(os.path.join(args.text_from, "config.json")):
+      raise SystemExit(f"--text_from {args.text_from}: no converted CLIP there (config.json); "
+                       "build one with `python -m eees_jax.pretrain_clip --config=configs/synthetic.py`")
   result = run(args)
   print(f"attribute probe, {args.steps} steps of {args.batch} images "
         f"({result['train_seconds']:.0f} s): "

@@ -123,6 +123,16 @@ def _scan(root: str, ids: Iterable[int], cameras: Sequence[int], id_file: str) -
   return records
 
 
+def training_records(root: str, num_ids: int | None = None) -> list[ImageRecord]:
+  """Every image of the first `num_ids` (default: all) ids of exp/train_id.txt, sorted, with the
+  original ids as pid (no relabelling): e.g. a same-sized counterpart of the test ids, to tell a
+  model that did not fit from one that did not generalise (eees_jax.diagnostics). Reads only
+  train_id.txt, so it also serves sets without val or test ids (synthetic pretraining sets)."""
+  root = _check_root(root)
+  ids = sorted(read_id_file(os.path.join(root, "exp", "train_id.txt")))
+  return _scan(root, ids if num_ids is None else ids[:num_ids], CAMERAS, "train_id.txt")
+
+
 EVAL_SPLITS = ("test", "val")
 
 

@@ -20,7 +20,14 @@ truth (captions.jsonl) cover every image:
   in that attribute's value are ranked by similarity to v^_i; accuracy of the true value, beside
   the same accuracy on attributes the caption does state.
 
-Everything is computed on held-out identities; nothing here is used for tuning.
+- Fit or generalisation: Rank-1 and mAP of the test-time features for infrared -> visible,
+  visible -> visible and infrared -> infrared queries (`modality_retrieval`), on the split's
+  identities and on as many training identities. A model that separates people within a modality
+  but not across, even on the identities it was trained on, has not learnt to bridge the
+  modalities; one that does so on training identities only has not generalised.
+
+Everything but the training-identity rows is computed on held-out identities; nothing here is used
+for tuning.
 """
 from __future__ import annotations
 
@@ -77,6 +84,36 @@ def modality_gap(z: np.ndarray, pids: np.ndarray, modality: np.ndarray) -> tuple
   gap = (np.where(inter, d, 0).sum(1) / np.maximum(inter.sum(1), 1)
          - np.where(intra, d, 0).sum(1) / np.maximum(intra.sum(1), 1))[ok]
   return float(gap.mean()), float((gap ** 2).mean())
+
+
+def modality_retrieval(features: np.ndarray, pids: np.ndarray, modality: np.ndarray,
+                       camids: np.ndarray) -> dict[str, dict[str, float]]:
+  """Rank-1 and mAP (%) by query and gallery modality: {"ir->vis" | "vis->vis" | "ir->ir": {...}}.
+
+  features: [n, d] (cosine similarity); every image is a query in turn. The gallery is every image
+  of the target modality except those from the query's own camera (for the same-modality rows this
+  keeps a picture's near-twin from its own camera out; across modalities no camera is shared).
+  Queries without a true match in their gallery are skipped.
+  """
+  f = _l2(np.asarray(features, np.float64))
+  sim = f @ f.T
+  out: dict[str, dict[str, float]] = {}
+  for name, (q_mod, g_mod) in (("ir->vis", (INFRARED, VISIBLE)), ("vis->vis", (VISIBLE, VISIBLE)),
+                               ("ir->ir", (INFRARED, INFRARED))):
+    rank1, aps = [], []
+    for i in np.flatnonzero(modality == q_mod):
+      gallery = np.flatnonzero((modality == g_mod) & (camids != camids[i]))
+      match = pids[gallery] == pids[i]
+      if not match.any():
+        continue
+      order = np.argsort(-sim[i, gallery], kind="stable")
+      hits = match[order]
+      rank1.append(hits[0])
+      found = np.flatnonzero(hits)
+      aps.append(np.mean(np.arange(1, len(found) + 1) / (found + 1)))
+    out[name] = {"rank1": 100 * float(np.mean(rank1)) if rank1 else float("nan"),
+                 "mAP": 100 * float(np.mean(aps)) if aps else float("nan"), "queries": len(rank1)}
+  return out
 
 
 def teacher_agreement(v: np.ndarray, t: np.ndarray, pids: np.ndarray, temperature: float
@@ -178,9 +215,22 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
   gap_v, _ = modality_gap(v, pids, modality)
   kl, agree = teacher_agreement(v, t, pids, float(cfg.loss.cvsc.kd_temperature))
   return {"workdir": workdir, "step": model.step, "split": split, "images": len(records),
+          "retrieval": {split: _retrieval(model, root, records),
+                        "train": _retrieval(model, root, sysu_mm01.training_records(root, len(set(pids))))},
           "cmsp": {"pair_gap": gap_z, "pair_objective": cmsp_z, "image_gap": gap_v},
           "cvsc": {"teacher_kl": kl, "teacher_top1": agree,
                    "attributes": attribute_retrieval(v, records, truths, people, model.embed_text)}}
+
+
+def _retrieval(model, root: str, records: Sequence) -> dict:
+  modality = np.asarray([r.modality for r in records])
+  feats = np.zeros((len(records), model.feature_dim), np.float32)
+  for m in (VISIBLE, INFRARED):
+    rows = np.flatnonzero(modality == m)
+    if len(rows):
+      feats[rows] = model.embed_images([os.path.join(root, records[i].path) for i in rows], m)
+  return modality_retrieval(feats, np.asarray([r.pid for r in records]), modality,
+                            np.asarray([r.camid for r in records]))
 
 
 def markdown(results: Sequence[dict]) -> str:
@@ -194,6 +244,15 @@ def markdown(results: Sequence[dict]) -> str:
                  f"{100 * r['cvsc']['teacher_top1']:.1f}% | "
                  f"{100 * a['omitted']['all']:.1f}% (n={a['omitted']['count']}) | "
                  f"{100 * a['stated']['all']:.1f}% (n={a['stated']['count']}) |")
+  lines += ["", "Rank-1 / mAP of the test-time features by modality, on the split's identities and on "
+            "as many training identities (fit or generalisation):", "",
+            "| run | identities | infrared → visible | visible → visible | infrared → infrared |",
+            "|---|---|---|---|---|"]
+  for r in results:
+    for which, rows in r.get("retrieval", {}).items():
+      cells = " | ".join(f"{rows[k]['rank1']:.1f} / {rows[k]['mAP']:.1f}"
+                         for k in ("ir->vis", "vis->vis", "ir->ir"))
+      lines.append(f"| {r['workdir']} | {which} | {cells} |")
   return "\n".join(lines) + "\n"
 
 

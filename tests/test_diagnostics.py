@@ -90,3 +90,66 @@ def test_attribute_retrieval_splits_stated_from_omitted_reads():
   assert out["omitted"]["gender"] == 0.0
   assert out["omitted"]["count"] == 3
   np.testing.assert_allclose(out["omitted"]["all"], 1 / 3)
+
+
+def test_modality_retrieval_equals_a_plain_loop():
+  rng = np.random.default_rng(2)
+  n = 24
+  feats = rng.normal(size=(n, 6))
+  pids = rng.integers(0, 5, n)
+  modality = rng.integers(0, 2, n)
+  camids = np.where(modality == VISIBLE, rng.integers(1, 3, n), rng.integers(3, 5, n))
+  unit = _unit(feats)
+  expected = {}
+  for name, q_mod, g_mod in (("ir->vis", INFRARED, VISIBLE), ("vis->vis", VISIBLE, VISIBLE),
+                             ("ir->ir", INFRARED, INFRARED)):
+    r1, aps = [], []
+    for i in range(n):
+      if modality[i] != q_mod:
+        continue
+      gallery = [j for j in range(n) if modality[j] == g_mod and camids[j] != camids[i]]
+      ranked = sorted(gallery, key=lambda j: (-float(unit[i] @ unit[j]), j))
+      hits = [pids[j] == pids[i] for j in ranked]
+      if not any(hits):
+        continue
+      r1.append(hits[0])
+      precision, found = [], 0
+      for k, h in enumerate(hits):
+        if h:
+          found += 1
+          precision.append(found / (k + 1))
+      aps.append(sum(precision) / len(precision))
+    expected[name] = (100 * np.mean(r1), 100 * np.mean(aps), len(r1))
+  got = diagnostics.modality_retrieval(feats, pids, modality, camids)
+  for name, (r1, ap, count) in expected.items():
+    assert got[name]["queries"] == count > 0
+    np.testing.assert_allclose([got[name]["rank1"], got[name]["mAP"]], [r1, ap], rtol=1e-9)
+
+
+def test_modality_retrieval_hand_case():
+  # Two people; the visible pictures of person 1 point the same way as its infrared one, person 2's
+  # infrared picture points at person 1: infrared -> visible Rank-1 is 1 of 2.
+  feats = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 0.2]])
+  pids = np.array([1, 2, 1, 2])
+  modality = np.array([VISIBLE, VISIBLE, INFRARED, INFRARED])
+  camids = np.array([1, 2, 3, 6])
+  got = diagnostics.modality_retrieval(feats, pids, modality, camids)
+  assert got["ir->vis"]["rank1"] == 50.0
+  assert got["ir->vis"]["mAP"] == 75.0   # person 2's match is second: AP 1/2
+  # Same modality, other camera: visible 1 and 2 have no partner; infrared 1 and 2 neither.
+  assert got["vis->vis"]["queries"] == 0 and got["ir->ir"]["queries"] == 0
+
+
+def test_diagnose_reports_retrieval_on_the_split_and_on_training_ids(tiny_workdir):
+  from data_pipelines import sysu_mm01
+  out = diagnostics.diagnose(tiny_workdir["workdir"], tiny_workdir["root"], split="test")
+  test_ids = set(sysu_mm01.split_ids(tiny_workdir["root"])["test"])
+  train = sysu_mm01.training_records(tiny_workdir["root"], len(test_ids))
+  assert len({r.pid for r in train}) == len(test_ids)
+  assert not {r.pid for r in train} & test_ids
+  for which in ("test", "train"):
+    for row in ("ir->vis", "vis->vis", "ir->ir"):
+      cell = out["retrieval"][which][row]
+      assert cell["queries"] > 0 and 0.0 <= cell["rank1"] <= 100.0
+  md = diagnostics.markdown([out])
+  assert "| train |" in md and "| test |" in md
