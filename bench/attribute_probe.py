@@ -157,7 +157,8 @@ def run(args) -> dict:
   res = protocols.evaluate_sysu(extract, args.root, modes=("all",), trials=args.trials, split="val")
   mean = res["settings"]["all-search single-shot"]["mean"]
   if args.save:
-    save_tower(args.save, args.text_from, jax.device_get(params["tower"]), jax.device_get(batch_stats))
+    save_tower(args.save, args.text_from, jax.device_get(params["tower"]),
+               jax.device_get(batch_stats))
   return {"rank1": float(mean["rank1"]), "mAP": float(mean["mAP"]), "train_seconds": train_s,
           "steps": args.steps, "batch": args.batch, "accuracy": accuracy}
 
@@ -191,7 +192,8 @@ def main(argv=None) -> None:
   p.add_argument("--train_root", default="",
                  help="train on every identity of this generated set (default: --root's "
                       "training ids)")
-  p.add_argument("--save", default="", help="write the trained tower as a converted-CLIP folder here")
+  p.add_argument("--save", default="",
+                 help="write the trained tower as a converted-CLIP folder here")
   p.add_argument("--text_from", default="data/synthetic_clip",
                  help="with --save: the converted CLIP whose text tower goes with it")
   args = p.parse_args(argv)
@@ -200,7 +202,8 @@ def main(argv=None) -> None:
       raise SystemExit(f"--save {args.save}: exists and is not empty; choose another folder")
     if not os.path.isfile(os.path.join(args.text_from, "config.json")):
       raise SystemExit(f"--text_from {args.text_from}: no converted CLIP there (config.json); "
-                       "build one with `python -m eees_jax.pretrain_clip --config=configs/synthetic.py`")
+                       "build one with `python -m eees_jax.pretrain_clip "
+                       "--config=configs/synthetic.py`")
   result = run(args)
   print(f"attribute probe, {args.steps} steps of {args.batch} images "
         f"({result['train_seconds']:.0f} s): "

@@ -214,9 +214,10 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
   gap_z, cmsp_z = modality_gap(z, pids, modality)
   gap_v, _ = modality_gap(v, pids, modality)
   kl, agree = teacher_agreement(v, t, pids, float(cfg.loss.cvsc.kd_temperature))
+  train_records = sysu_mm01.training_records(root, len(set(pids.tolist())))
   return {"workdir": workdir, "step": model.step, "split": split, "images": len(records),
           "retrieval": {split: _retrieval(model, root, records),
-                        "train": _retrieval(model, root, sysu_mm01.training_records(root, len(set(pids))))},
+                        "train": _retrieval(model, root, train_records)},
           "cmsp": {"pair_gap": gap_z, "pair_objective": cmsp_z, "image_gap": gap_v},
           "cvsc": {"teacher_kl": kl, "teacher_top1": agree,
                    "attributes": attribute_retrieval(v, records, truths, people, model.embed_text)}}
