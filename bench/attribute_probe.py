@@ -40,28 +40,18 @@ from tqdm import tqdm
 from configs import synthetic as synthetic_config
 from data_pipelines import input_pipeline, sysu_mm01
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
+from data_pipelines.synthetic import labels
 from data_pipelines.synthetic.identities import SHARED_ATTRIBUTES
 from eees_jax.evaluation import protocols
 from eees_jax.models import towers
 
 
-def attribute_table(root: str, attributes: tuple[str, ...] = SHARED_ATTRIBUTES
-                    ) -> tuple[dict[int, list[int]], list[list[str]]]:
-  """(pid -> value index per attribute, the sorted values of each attribute) from synthetic.json."""
-  path = os.path.join(root, "synthetic.json")
-  if not os.path.isfile(path):
-    raise SystemExit(f"{path}: not found; --root must be a set written by "
-                     "`python -m data_pipelines.synthetic`")
-  with open(path) as f:
-    people = json.load(f)["identities"]
-  values = [sorted({str(p[a]) for p in people}) for a in attributes]
-  table = {int(p["pid"]): [values[k].index(str(p[a])) for k, a in enumerate(attributes)]
-           for p in people}
-  return table, values
-
-
-def _pid(path: str) -> int:
-  return int(os.path.basename(os.path.dirname(path)))
+def attribute_table(root: str) -> tuple[dict[int, list[int]], list[list[str]]]:
+  """labels.attribute_table of the shared attributes, with a missing set as a one-line error."""
+  try:
+    return labels.attribute_table(root)
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from None
 
 
 def run(args) -> dict:
@@ -76,16 +66,18 @@ def run(args) -> dict:
   else:
     train_root, train_table = args.root, table
     records = list(sysu_mm01.train_set(args.root, holdout=True).records)
-  print(f"decoding {len(records)} training images of {train_root} at {args.height}x{args.width}",
-        flush=True)
-  x_all = input_pipeline.decode_images(train_root, records, height=args.height, width=args.width)
-  y_all = np.array([train_table[_pid(r.path)] for r in records], np.int32)
-  m_all = np.array([r.modality for r in records], np.int32)
-
   vision = dict(synthetic_config.get_config().model.vision)
   tower = towers.build_vision_tower(vision)
   key = jax.random.PRNGKey(args.seed)
   variables = tower.init(key, jnp.zeros((2, args.height, args.width, 3)), jnp.array([0, 1]))
+  # The text tower the trained tower will be saved with: loaded and checked before any decoding.
+  base = _text_base(args.text_from, variables["params"]) if args.save else None
+  print(f"decoding {len(records)} training images of {train_root} at {args.height}x{args.width}",
+        flush=True)
+  x_all = input_pipeline.decode_images(train_root, records, height=args.height, width=args.width)
+  y_all = np.array([train_table[labels.pid_of(r.path)] for r in records], np.int32)
+  m_all = np.array([r.modality for r in records], np.int32)
+
   sizes = [len(v) for v in values]
   offsets = np.cumsum([0] + sizes)
   head_shape = (vision["output_dim"], sum(sizes))
@@ -146,7 +138,7 @@ def run(args) -> dict:
     feats.append(np.asarray(f)[b["mask"]])
     preds.append(np.stack([np.asarray(q) for q in pred], -1)[b["mask"]])
   by_path = dict(zip((r.path for r in val), np.concatenate(feats)))
-  correct = np.concatenate(preds) == np.array([table[_pid(r.path)] for r in val])
+  correct = np.concatenate(preds) == np.array([table[labels.pid_of(r.path)] for r in val])
   modality = np.array([r.modality for r in val])
   accuracy = {name: dict(zip(SHARED_ATTRIBUTES, correct[modality == mod].mean(axis=0).tolist()))
               for mod, name in ((0, "visible"), (1, "infrared"))}
@@ -157,25 +149,34 @@ def run(args) -> dict:
   res = protocols.evaluate_sysu(extract, args.root, modes=("all",), trials=args.trials, split="val")
   mean = res["settings"]["all-search single-shot"]["mean"]
   if args.save:
-    save_tower(args.save, args.text_from, jax.device_get(params["tower"]),
-               jax.device_get(batch_stats))
+    save_tower(args.save, base, jax.device_get(params["tower"]), jax.device_get(batch_stats))
+    print(f"wrote the probe's tower to {args.save} (text tower from {args.text_from})")
   return {"rank1": float(mean["rank1"]), "mAP": float(mean["mAP"]), "train_seconds": train_s,
           "steps": args.steps, "batch": args.batch, "accuracy": accuracy}
 
 
-def save_tower(out: str, text_from: str, params, batch_stats) -> None:
-  """The probe's tower with the text tower of `text_from`, as a converted-CLIP folder at `out`."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
+def _text_base(text_from: str, params):
+  """The converted CLIP at `text_from`, refused in one line unless its image tower has the
+  shapes of `params` (the probe's tower)."""
   from eees_jax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(text_from, "config.json")):
+    raise SystemExit(f"--text_from {text_from}: no converted CLIP there (config.json); build one "
+                     "with `python -m eees_jax.pretrain_clip --config=configs/synthetic.py`")
   base = weights_lib.load_clip(text_from)
   shapes = lambda tree: jax.tree.map(np.shape, tree)
   if shapes(base.vision_params) != shapes(params):
-    raise SystemExit(f"{text_from}: its image tower differs from configs/synthetic.py's "
+    raise SystemExit(f"--text_from {text_from}: its image tower differs from configs/synthetic.py's "
                      "model.vision; give a checkpoint pretrained with this config")
+  return base
+
+
+def save_tower(out: str, base, params, batch_stats) -> None:
+  """The probe's tower with the text tower (and temperature) of `base`, as a converted-CLIP folder."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from eees_jax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   weights_lib.save_converted(dataclasses.replace(base, vision_params=params,
                                                  vision_batch_stats=batch_stats,
                                                  source="bench.attribute_probe"), out)
-  print(f"wrote the probe's tower to {out} (text tower from {text_from})")
 
 
 def main(argv=None) -> None:
@@ -200,10 +201,6 @@ def main(argv=None) -> None:
   if args.save:
     if os.path.exists(args.save) and os.listdir(args.save):
       raise SystemExit(f"--save {args.save}: exists and is not empty; choose another folder")
-    if not os.path.isfile(os.path.join(args.text_from, "config.json")):
-      raise SystemExit(f"--text_from {args.text_from}: no converted CLIP there (config.json); "
-                       "build one with `python -m eees_jax.pretrain_clip "
-                       "--config=configs/synthetic.py`")
   result = run(args)
   print(f"attribute probe, {args.steps} steps of {args.batch} images "
         f"({result['train_seconds']:.0f} s): "

@@ -90,29 +90,27 @@ def modality_retrieval(features: np.ndarray, pids: np.ndarray, modality: np.ndar
                        camids: np.ndarray) -> dict[str, dict[str, float]]:
   """Rank-1 and mAP (%) by query and gallery modality: {"ir->vis" | "vis->vis" | "ir->ir": {...}}.
 
-  features: [n, d] (cosine similarity); every image is a query in turn. The gallery is every image
-  of the target modality except those from the query's own camera (for the same-modality rows this
-  keeps a picture's near-twin from its own camera out; across modalities no camera is shared).
-  Queries without a true match in their gallery are skipped.
+  features: [n, d] (cosine similarity); every image of the query modality is a query in turn,
+  against every image of the target modality, under the LLCM rule of evaluation.metrics: images of
+  the query's identity from the query's own camera are left out (the query itself, and in the
+  same-modality rows its near-twins). Rank-1 is the first-match CMC; queries without a true match
+  are skipped, and a row without any is NaN.
   """
-  f = _l2(np.asarray(features, np.float64))
-  sim = f @ f.T
+  from eees_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  features = np.asarray(features, np.float32)
   out: dict[str, dict[str, float]] = {}
   for name, (q_mod, g_mod) in (("ir->vis", (INFRARED, VISIBLE)), ("vis->vis", (VISIBLE, VISIBLE)),
                                ("ir->ir", (INFRARED, INFRARED))):
-    rank1, aps = [], []
-    for i in np.flatnonzero(modality == q_mod):
-      gallery = np.flatnonzero((modality == g_mod) & (camids != camids[i]))
-      match = pids[gallery] == pids[i]
-      if not match.any():
-        continue
-      order = np.argsort(-sim[i, gallery], kind="stable")
-      hits = match[order]
-      rank1.append(hits[0])
-      found = np.flatnonzero(hits)
-      aps.append(np.mean(np.arange(1, len(found) + 1) / (found + 1)))
-    out[name] = {"rank1": 100 * float(np.mean(rank1)) if rank1 else float("nan"),
-                 "mAP": 100 * float(np.mean(aps)) if aps else float("nan"), "queries": len(rank1)}
+    q, g = modality == q_mod, modality == g_mod
+    match = ((pids[q][:, None] == pids[g][None, :])
+             & (camids[q][:, None] != camids[g][None, :]))
+    if not match.any():  # no query has a true match under the rule (or no query, no gallery)
+      out[name] = {"rank1": float("nan"), "mAP": float("nan"), "queries": 0}
+      continue
+    res = metrics.evaluate_features(features[q], features[g], pids[q], pids[g], camids[q],
+                                    camids[g], protocol="llcm")
+    out[name] = {"rank1": 100 * float(res["cmc_standard"][0]), "mAP": 100 * float(res["mAP"]),
+                 "queries": int(res["num_valid_queries"])}
   return out
 
 
@@ -200,12 +198,9 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
   texts = descriptions_lib.load_descriptions(os.path.join(root, synthetic.DESCRIPTIONS), records)
   modality = np.asarray([r.modality for r in records])
   pids = np.asarray([r.pid for r in records])
-  v = np.concatenate([model.embed_joint([os.path.join(root, r.path) for r in records if r.modality == m], m)
-                      for m in (VISIBLE, INFRARED)])
-  order = np.concatenate([np.flatnonzero(modality == m) for m in (VISIBLE, INFRARED)])
-  v_by_record = np.empty_like(v)
-  v_by_record[order] = v
-  v = v_by_record
+  camids = np.asarray([r.camid for r in records])
+  features = _embed(model, root, records)
+  v = model.joint_of(features)
   t = model.embed_text(texts)
   if cfg.loss.pair.kind != "sum":
     raise ValueError(f"diagnostics implement the pair representation 'sum' only; {workdir} used "
@@ -216,22 +211,25 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
   kl, agree = teacher_agreement(v, t, pids, float(cfg.loss.cvsc.kd_temperature))
   train_records = sysu_mm01.training_records(root, len(set(pids.tolist())))
   return {"workdir": workdir, "step": model.step, "split": split, "images": len(records),
-          "retrieval": {split: _retrieval(model, root, records),
-                        "train": _retrieval(model, root, train_records)},
+          "retrieval": {split: modality_retrieval(features, pids, modality, camids),
+                        "train": modality_retrieval(
+                            _embed(model, root, train_records),
+                            *(np.asarray([getattr(r, k) for r in train_records])
+                              for k in ("pid", "modality", "camid")))},
           "cmsp": {"pair_gap": gap_z, "pair_objective": cmsp_z, "image_gap": gap_v},
           "cvsc": {"teacher_kl": kl, "teacher_top1": agree,
                    "attributes": attribute_retrieval(v, records, truths, people, model.embed_text)}}
 
 
-def _retrieval(model, root: str, records: Sequence) -> dict:
+def _embed(model, root: str, records: Sequence) -> np.ndarray:
+  """Test-time features [n, feature_dim] of `records`, in their order."""
   modality = np.asarray([r.modality for r in records])
   feats = np.zeros((len(records), model.feature_dim), np.float32)
   for m in (VISIBLE, INFRARED):
     rows = np.flatnonzero(modality == m)
     if len(rows):
       feats[rows] = model.embed_images([os.path.join(root, records[i].path) for i in rows], m)
-  return modality_retrieval(feats, np.asarray([r.pid for r in records]), modality,
-                            np.asarray([r.camid for r in records]))
+  return feats
 
 
 def markdown(results: Sequence[dict]) -> str:

@@ -26,6 +26,7 @@ import tempfile
 import time
 from typing import Any
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -61,8 +62,10 @@ def settings(config: ml_collections.ConfigDict) -> dict:
 
 
 def _vision_architecture(config) -> dict:
-  """The pretraining image tower: config.model.vision with one stem (CLIP has one)."""
-  return {**config.model.vision.to_dict(), "num_modalities": 1}
+  """The pretraining image tower: config.model.vision with one stem (CLIP has one), or one per
+  modality with pretrain.modality_stems."""
+  stems = config.model.vision.num_modalities if config.pretrain.modality_stems else 1
+  return {**config.model.vision.to_dict(), "num_modalities": stems}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,49 +107,85 @@ class State:
   opt_state: Any
 
 
-def train_step(state: State, images: jax.Array, tokens: jax.Array, key: jax.Array, *, vision, text,
-               tx, pad: int, flip: float) -> tuple[State, dict]:
-  """One contrastive step on a batch of uint8 images [B, H, W, 3] and their tokens [B, L]."""
+def attribute_loss(features: jax.Array, head: dict, labels: jax.Array, sizes: tuple[int, ...]
+                   ) -> jax.Array:
+  """Mean over attributes of each attribute's softmax cross-entropy, from one linear head.
+
+  features: [B, D]; head: {"w": [D, sum(sizes)], "b": [sum(sizes)]}; labels: int32 [B, A], the value
+  index of each of the A attributes, whose k-th has sizes[k] values (columns in that order).
+  """
+  chex.assert_rank(features, 2)
+  chex.assert_shape(labels, (features.shape[0], len(sizes)))
+  logits = features @ head["w"] + head["b"]
+  bounds = np.cumsum((0,) + tuple(sizes))
+  losses = [optax.softmax_cross_entropy_with_integer_labels(logits[:, bounds[k]:bounds[k + 1]],
+                                                            labels[:, k]).mean()
+            for k in range(len(sizes))]
+  return sum(losses) / len(sizes)
+
+
+def train_step(state: State, images: jax.Array, tokens: jax.Array, labels: jax.Array,
+               modality: jax.Array, key: jax.Array, *, vision, text, tx, pad: int, flip: float,
+               attribute_weight: float = 0.0, sizes: tuple[int, ...] = (), stems: int = 1
+               ) -> tuple[State, dict]:
+  """One step on uint8 images [B, H, W, 3], their tokens [B, L], attribute labels [B, A] and
+  modalities [B] (used with one stem per modality, `stems` > 1): the contrastive loss, plus
+  `attribute_weight` times `attribute_loss` when that weight is not 0."""
   x = normalize(augment(key, images, pad, flip), CLIP_MEAN, CLIP_STD)
 
   def loss_fn(params):
     out, updates = vision.apply({"params": params["vision"], "batch_stats": state.batch_stats}, x,
-                                None, train=True, mutable=["batch_stats"])
+                                modality if stems > 1 else None, train=True,
+                                mutable=["batch_stats"])
     t = text.apply({"params": params["text"]}, tokens)
-    loss, acc = clip_loss(out["pooled"].astype(jnp.float32), t.astype(jnp.float32),
-                          params["logit_scale"])
-    return loss, (acc, updates["batch_stats"])
+    pooled = out["pooled"].astype(jnp.float32)
+    contrastive, acc = clip_loss(pooled, t.astype(jnp.float32), params["logit_scale"])
+    attributes = (attribute_loss(pooled, params["attribute_head"], labels, sizes)
+                  if attribute_weight else jnp.zeros(()))
+    return contrastive + attribute_weight * attributes, (acc, contrastive, attributes,
+                                                         updates["batch_stats"])
 
-  (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (acc, contrastive, attributes, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # CLIP clamps the temperature at 100.
   params["logit_scale"] = jnp.minimum(params["logit_scale"], jnp.log(100.0))
   return (state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                         opt_state=opt_state),
-          {"loss": loss, "accuracy": acc, "scale": jnp.exp(params["logit_scale"])})
+          {"loss": loss, "contrastive": contrastive, "attributes": attributes, "accuracy": acc,
+           "scale": jnp.exp(params["logit_scale"])})
 
 
 # ----------------------------------------------------------------------------------------------
 # Data, the loop and the output.
 # ----------------------------------------------------------------------------------------------
 
-def _pretraining_data(config) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images [n, H, W, 3], tokens [n, L]) of every image of the pretraining set."""
+def _pretraining_data(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...],
+                                        np.ndarray]:
+  """(uint8 images [n, H, W, 3], tokens [n, L], attribute labels [n, A], values per attribute,
+  modality [n]) of every image of the pretraining set; the attributes are the shape cues both
+  modalities show."""
   from data_pipelines import datasets, descriptions as descriptions_lib, input_pipeline
   p = config.pretrain
   datasets.ensure_synthetic(ml_collections.ConfigDict(dict(root=p.data.root,
                                                            generate=p.data.generate)))
-  from data_pipelines import synthetic
+  from data_pipelines import synthetic, sysu_mm01
+  from data_pipelines.synthetic import labels as labels_lib
   captions = descriptions_lib.read_records(os.path.join(p.data.root, synthetic.DESCRIPTIONS))
   paths = sorted(captions)
-  records = [ImageRecord(path, 0, int(path[3]), 0) for path in paths]
+  records = [ImageRecord(path, 0, int(path[3]), sysu_mm01.camera_modality(int(path[3])))
+             for path in paths]
   images = input_pipeline.decode_images(p.data.root, records, height=config.input.height,
                                         width=config.input.width)
   tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
                                             context_length=config.model.text.context_length)
   tokens = tokenizer.tokenize([captions[path]["description"] for path in paths])
-  return images, tokens.astype(np.int32)
+  table, values = labels_lib.attribute_table(p.data.root)
+  attribute_labels = np.array([table[labels_lib.pid_of(path)] for path in paths], np.int32)
+  modality = np.array([r.modality for r in records], np.int32)
+  return (images, tokens.astype(np.int32), attribute_labels, tuple(len(v) for v in values),
+          modality)
 
 
 def _schedule(p) -> optax.Schedule:
@@ -157,11 +196,12 @@ def _schedule(p) -> optax.Schedule:
 def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
   """Trains the towers of `config.model` contrastively and writes them to `out` (converted format).
 
-  Returns {"seconds", "final_loss", "final_accuracy", "images"}.
+  Returns {"seconds", "final_loss" (contrastive), "final_attribute_loss" (0 unless
+  pretrain.attribute_weight), "final_accuracy", "images"}.
   """
   p = config.pretrain
   start = time.perf_counter()
-  images, tokens = _pretraining_data(config)
+  images, tokens, attribute_labels, sizes, modality = _pretraining_data(config)
   n = len(images)
   if p.batch_size > n:
     raise PretrainError(f"config.pretrain.batch_size={p.batch_size} exceeds the {n} pretraining images")
@@ -174,10 +214,16 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
   k_v, k_t, k_data = jax.random.split(key, 3)
   h, w = config.input.height, config.input.width
   variables = jax.jit(functools.partial(vision.init, train=False))(
-      k_v, jnp.zeros((2, h, w, 3), jnp.float32), None)
+      k_v, jnp.zeros((2, h, w, 3), jnp.float32),
+      jnp.array([0, 1]) if vision_cfg["num_modalities"] > 1 else None)
   params = {"vision": variables["params"],
             "text": jax.jit(text.init)(k_t, jnp.zeros((2, text_cfg["context_length"]), jnp.int32))["params"],
             "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
+  if p.attribute_weight:  # a linear head on the pooled feature; training only, never written out
+    width = int(vision_cfg["output_dim"])
+    params["attribute_head"] = {
+        "w": 0.01 * jax.random.normal(jax.random.fold_in(key, 1), (width, sum(sizes))),
+        "b": jnp.zeros((sum(sizes),), jnp.float32)}
   params = flax.core.unfreeze(params)
   # No weight decay on gains, biases, embeddings' scale or the temperature (CLIP's recipe).
   decay_mask = jax.tree_util.tree_map_with_path(
@@ -188,7 +234,10 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
   state = State(step=jnp.zeros((), jnp.int32), params=params,
                 batch_stats=flax.core.unfreeze(variables["batch_stats"]), opt_state=tx.init(params))
   step_fn = jax.jit(functools.partial(train_step, vision=vision, text=text, tx=tx,
-                                      pad=p.aug.pad, flip=p.aug.flip), donate_argnums=(0,))
+                                      pad=p.aug.pad, flip=p.aug.flip,
+                                      attribute_weight=float(p.attribute_weight), sizes=sizes,
+                                      stems=int(vision_cfg["num_modalities"])),
+                    donate_argnums=(0,))
 
   rng = np.random.default_rng([p.seed, 7])
   order = np.empty(0, np.int64)
@@ -198,28 +247,35 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
     if len(order) < p.batch_size:  # epochs of a fixed permutation each
       order = np.concatenate([order, rng.permutation(n)])
     idx, order = order[:p.batch_size], order[p.batch_size:]
-    state, metrics = step_fn(state, images[idx], tokens[idx], jax.random.fold_in(k_data, step))
+    state, metrics = step_fn(state, images[idx], tokens[idx], attribute_labels[idx],
+                             modality[idx], jax.random.fold_in(k_data, step))
     if step % 20 == 0 or step == p.steps - 1:
       m = jax.device_get(metrics)
       if not np.isfinite(m["loss"]):
         raise PretrainError(f"pretraining loss became {m['loss']} at step {step}; lower "
                             "config.pretrain.lr")
-      bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", scale=f"{m['scale']:.1f}")
+      bar.set_postfix(loss=f"{m['contrastive']:.3f}", acc=f"{m['accuracy']:.2f}",
+                      scale=f"{m['scale']:.1f}",
+                      **({"attr": f"{m['attributes']:.3f}"} if p.attribute_weight else {}))
   bar.close()
   m = jax.device_get(metrics)
-  result = {"seconds": round(time.perf_counter() - start, 1), "final_loss": float(m["loss"]),
+  result = {"seconds": round(time.perf_counter() - start, 1), "final_loss": float(m["contrastive"]),
+            "final_attribute_loss": float(m["attributes"]),
             "final_accuracy": float(m["accuracy"]), "images": n}
   _write(config, jax.device_get(state), vision_cfg, text_cfg, out, result)
   return result
 
 
 def _write(config, state: State, vision_cfg: dict, text_cfg: dict, out: str, result: dict) -> None:
-  """The converted-CLIP folder, with the stem stacked for every modality, published atomically."""
+  """The converted-CLIP folder, the one stem stacked for every modality (unless there is one per
+  modality already), published atomically."""
   m = int(config.model.vision.num_modalities)
+  copies = m // int(vision_cfg["num_modalities"])
   vparams = flax.core.unfreeze(state.params["vision"])
   vstats = flax.core.unfreeze(state.batch_stats)
-  vparams["stem"] = jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * m), vparams["stem"])
-  vstats["stem"] = jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * m), vstats["stem"])
+  stack = lambda a: np.concatenate([np.asarray(a)] * copies)
+  vparams["stem"] = jax.tree.map(stack, vparams["stem"])
+  vstats["stem"] = jax.tree.map(stack, vstats["stem"])
   architecture = {k: vision_cfg[k] for k in ("kind", "layers", "width", "output_dim", "heads",
                                              "pos_grid")}
   weights = weights_lib.CLIPWeights(

@@ -40,7 +40,7 @@ def test_a_tiny_run_reports_val_retrieval_and_accuracy(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in acc.values())
 
 
-def _random_clip(path: str) -> None:
+def _random_clip(path: str, **vision_overrides) -> str:
   """A converted CLIP with configs/synthetic.py's towers at random weights (the --text_from)."""
   import jax
   import jax.numpy as jnp
@@ -48,7 +48,7 @@ def _random_clip(path: str) -> None:
   from eees_jax import weights as weights_lib
   from eees_jax.models import towers
   c = synthetic_config.get_config()
-  vision_cfg = dict(c.model.vision)
+  vision_cfg = {**c.model.vision, **vision_overrides}
   vision = towers.build_vision_tower(vision_cfg)
   variables = vision.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 16, 3)), jnp.array([0, 1]))
   text_cfg = c.model.text.to_dict()
@@ -61,6 +61,7 @@ def _random_clip(path: str) -> None:
       text_config=text_cfg, vision_params=variables["params"],
       vision_batch_stats=variables["batch_stats"], text_params=text_params, logit_scale=2.5,
       source="test"), path)
+  return path
 
 
 def test_train_root_and_save(tmp_path, capsys):
@@ -89,3 +90,10 @@ def test_train_root_and_save(tmp_path, capsys):
   assert any(jax.tree.leaves(changed))   # the trained tower, not the base's
   with pytest.raises(SystemExit, match="exists and is not empty"):
     attribute_probe.main(["--root", root, "--save", saved, "--text_from", base])
+  # A --text_from whose image tower has other shapes is refused before any image is decoded.
+  wide = str(tmp_path / "wide_clip")
+  with pytest.raises(SystemExit, match="image tower differs"):
+    attribute_probe.main(["--root", root, "--train_root", other, "--height", "32", "--width", "16",
+                          "--save", wide, "--text_from", _random_clip(str(tmp_path / "wide"),
+                                                                      width=24)])
+  assert "decoding" not in capsys.readouterr().out

@@ -107,7 +107,8 @@ def test_modality_retrieval_equals_a_plain_loop():
     for i in range(n):
       if modality[i] != q_mod:
         continue
-      gallery = [j for j in range(n) if modality[j] == g_mod and camids[j] != camids[i]]
+      gallery = [j for j in range(n) if modality[j] == g_mod
+                 and not (pids[j] == pids[i] and camids[j] == camids[i])]
       ranked = sorted(gallery, key=lambda j: (-float(unit[i] @ unit[j]), j))
       hits = [pids[j] == pids[i] for j in ranked]
       if not any(hits):
@@ -123,7 +124,7 @@ def test_modality_retrieval_equals_a_plain_loop():
   got = diagnostics.modality_retrieval(feats, pids, modality, camids)
   for name, (r1, ap, count) in expected.items():
     assert got[name]["queries"] == count > 0
-    np.testing.assert_allclose([got[name]["rank1"], got[name]["mAP"]], [r1, ap], rtol=1e-9)
+    np.testing.assert_allclose([got[name]["rank1"], got[name]["mAP"]], [r1, ap], rtol=1e-6)
 
 
 def test_modality_retrieval_hand_case():
@@ -138,6 +139,21 @@ def test_modality_retrieval_hand_case():
   assert got["ir->vis"]["mAP"] == 75.0   # person 2's match is second: AP 1/2
   # Same modality, other camera: visible 1 and 2 have no partner; infrared 1 and 2 neither.
   assert got["vis->vis"]["queries"] == 0 and got["ir->ir"]["queries"] == 0
+
+
+def test_modality_retrieval_keeps_other_people_from_the_query_camera():
+  # Visible only: A and B are person 1 on camera 1, C person 1 on camera 2, D person 2 on camera 1.
+  # A query drops its own identity's pictures from its own camera (A and B for A) but keeps D, which
+  # points almost the same way as A and B: it outranks C for them and for C itself.
+  feats = np.array([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [1.0, 0.1]])
+  pids = np.array([1, 1, 1, 2])
+  modality = np.full(4, VISIBLE)
+  camids = np.array([1, 1, 2, 1])
+  got = diagnostics.modality_retrieval(feats, pids, modality, camids)["vis->vis"]
+  assert got["queries"] == 3   # D has no partner
+  assert got["rank1"] == 0.0
+  # A: C second (AP 1/2); B: C second (1/2); C: D, then B, then A (AP (1/2 + 2/3) / 2).
+  np.testing.assert_allclose(got["mAP"], 100 * (0.5 + 0.5 + (0.5 + 2 / 3) / 2) / 3, rtol=1e-6)
 
 
 def test_diagnose_reports_retrieval_on_the_split_and_on_training_ids(tiny_workdir):

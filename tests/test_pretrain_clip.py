@@ -32,6 +32,23 @@ def test_clip_loss_equals_a_plain_loop():
   assert float(acc) == pytest.approx(right)
 
 
+def test_attribute_loss_equals_a_plain_loop():
+  rng = np.random.default_rng(4)
+  sizes = (2, 3, 1)
+  feats = rng.normal(size=(4, 5))
+  head = {"w": rng.normal(size=(5, 6)), "b": rng.normal(size=6)}
+  labels = np.array([[0, 2, 0], [1, 0, 0], [1, 1, 0], [0, 2, 0]], np.int32)
+  total = 0.0
+  for k, start in enumerate((0, 2, 5)):   # attribute k owns columns start .. start + sizes[k]
+    for i in range(4):
+      row = [sum(feats[i, d] * head["w"][d, start + c] for d in range(5)) + head["b"][start + c]
+             for c in range(sizes[k])]
+      total += (-row[labels[i, k]] + math.log(sum(math.exp(x) for x in row))) / 4
+  got = pretrain_clip.attribute_loss(jnp.asarray(feats), jax.tree.map(jnp.asarray, head),
+                                     jnp.asarray(labels), sizes)
+  np.testing.assert_allclose(float(got), total / 3, rtol=1e-5)
+
+
 def test_augment_is_a_padded_crop_or_its_mirror():
   images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (6, 8, 4, 3)), jnp.uint8)
   out = np.asarray(pretrain_clip.augment(jax.random.PRNGKey(3), images, pad=2, flip=0.5))
@@ -49,7 +66,9 @@ def _tiny_config(tmp_path, steps=3):
   c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=56)
   c.pretrain.data.root = str(tmp_path / "pretrain_set")
   c.pretrain.data.generate.update(num_ids=6, images_per_camera=1, height=32, width=16)
-  c.pretrain.update(steps=steps, batch_size=8)
+  # Plain CLIP pretraining (one shared stem, contrastive loss alone); the attribute term and the
+  # per-modality stems of the default have their own test below.
+  c.pretrain.update(steps=steps, batch_size=8, attribute_weight=0.0, modality_stems=False)
   return c
 
 
@@ -95,3 +114,26 @@ def test_ensure_pretrained_reuses_a_match_and_refuses_anything_else(pretrained, 
   config2.model.init.checkpoint = str(foreign)
   with pytest.raises(pretrain_clip.PretrainError, match="not written by eees_jax.pretrain_clip"):
     pretrain_clip.ensure_pretrained(config2)
+
+
+def test_attribute_term_and_modality_stems_change_what_is_learnt(pretrained, tmp_path):
+  _, _, base = pretrained   # the fixture's pretraining set is reused, not generated again
+  results, towers_ = {}, {}
+  for weight in (0.0, 1.0):
+    config = _tiny_config(base)
+    config.pretrain.update(attribute_weight=weight, modality_stems=True)
+    out = str(tmp_path / f"clip_{weight}")
+    results[weight] = pretrain_clip.pretrain(config, out)
+    towers_[weight] = weights_lib.load_clip(out)
+    assert pretrain_clip.recorded_settings(out) == pretrain_clip.settings(config)
+  assert results[0.0]["final_attribute_loss"] == 0.0
+  assert math.isfinite(results[1.0]["final_attribute_loss"]) and results[1.0]["final_attribute_loss"] > 0
+  # One stem per modality, trained on its own images: the halves differ (no copy).
+  stem = towers_[1.0].vision_params["stem"]
+  assert any(not np.array_equal(*np.split(np.asarray(leaf), 2))
+             for leaf in jax.tree_util.tree_leaves(stem))
+  # The attribute term's gradient reaches the towers: same seed and data, other parameters.
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(towers_[0.0].vision_params),
+      jax.tree_util.tree_leaves(towers_[1.0].vision_params)))
+  assert "attribute_head" not in towers_[1.0].vision_params   # training only, never written
