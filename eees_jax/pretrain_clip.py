@@ -5,8 +5,14 @@ image-caption pairs, the text tower then frozen. The synthetic benchmark reprodu
 this module trains the towers of `config.model` with CLIP's symmetric contrastive objective on
 captioned synthetic images of OTHER people (a pretraining set generated with its own seed, none of
 whose identities is in the benchmark), and writes them in the converted-CLIP format that
-`--config.model.init.checkpoint` reads, the stem stacked for both modalities exactly as
+`--config.model.init.checkpoint` reads, a single stem stacked for both modalities exactly as
 `eees_jax.convert_clip` stacks OpenAI's.
+
+What web-scale pretraining gives real CLIP, reading clothes and body shape in any lighting, a few
+CPU minutes of contrastive learning do not; two options make up for it (README, "How the synthetic
+config was tuned"): `pretrain.attribute_weight` adds a cross-entropy per shape attribute of the
+pretraining identities (`attribute_loss`, from a linear head that is not written out), and
+`pretrain.modality_stems` trains one stem per modality from the start.
 
   python -m eees_jax.pretrain_clip --config=configs/synthetic.py [--config.pretrain.steps=600]
 
@@ -194,12 +200,16 @@ def _schedule(p) -> optax.Schedule:
 
 
 def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
-  """Trains the towers of `config.model` contrastively and writes them to `out` (converted format).
+  """Trains the towers of `config.model` (contrastive loss, plus the attribute term when
+  pretrain.attribute_weight > 0) and writes them to `out` (converted format).
 
   Returns {"seconds", "final_loss" (contrastive), "final_attribute_loss" (0 unless
   pretrain.attribute_weight), "final_accuracy", "images"}.
   """
   p = config.pretrain
+  if p.attribute_weight < 0:
+    raise PretrainError(f"config.pretrain.attribute_weight={p.attribute_weight} must be >= 0 "
+                        "(0: the contrastive loss alone)")
   start = time.perf_counter()
   images, tokens, attribute_labels, sizes, modality = _pretraining_data(config)
   n = len(images)

@@ -137,3 +137,7 @@ def test_attribute_term_and_modality_stems_change_what_is_learnt(pretrained, tmp
       jax.tree_util.tree_leaves(towers_[0.0].vision_params),
       jax.tree_util.tree_leaves(towers_[1.0].vision_params)))
   assert "attribute_head" not in towers_[1.0].vision_params   # training only, never written
+  config = _tiny_config(base)
+  config.pretrain.attribute_weight = -1.0
+  with pytest.raises(pretrain_clip.PretrainError, match="attribute_weight=-1.0 must be >= 0"):
+    pretrain_clip.pretrain(config, str(tmp_path / "negative"))
