@@ -9,10 +9,11 @@ whose identities is in the benchmark), and writes them in the converted-CLIP for
 `eees_jax.convert_clip` stacks OpenAI's.
 
 What web-scale pretraining gives real CLIP, reading clothes and body shape in any lighting, a few
-CPU minutes of contrastive learning do not; two options make up for it (README, "How the synthetic
-config was tuned"): `pretrain.attribute_weight` adds a cross-entropy per shape attribute of the
-pretraining identities (`attribute_loss`, from a linear head that is not written out), and
-`pretrain.modality_stems` trains one stem per modality from the start.
+CPU minutes of contrastive learning do not (README, "How the synthetic config was tuned"):
+`pretrain.attribute_weight` adds a cross-entropy per shape attribute of the pretraining identities
+(`attribute_loss`, from a linear head that is not written out). `pretrain.modality_stems` trains
+one stem per modality from the start instead of one shared stem (off by default: on real data
+EEES starts both stems from CLIP's one).
 
   python -m eees_jax.pretrain_clip --config=configs/synthetic.py [--config.pretrain.steps=600]
 
