@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
       vision=rn50_vision(),
       text=clip_text_tower(),
       gem_p=3.0,
+      # True: the image tower's BatchNorm layers keep the checkpoint's running statistics and
+      # normalise with them in training too (frozen BN, as when fine-tuning detectors); the BNNecks
+      # still train. False: AGW's rule, every BatchNorm re-estimated on the training batches.
+      freeze_encoder_bn=False,
       dtype="float32",          # compute dtype: float32 | bfloat16 (parameters stay float32)
       init=dict(
           checkpoint="",        # OpenAI .pt/.safetensors, Hugging Face folder, or convert_clip output

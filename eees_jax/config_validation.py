@@ -232,6 +232,7 @@ def _input(c: _Checker) -> None:
 def _model(c: _Checker) -> None:
   c.one_of("model.dtype", DTYPES)
   c.number("model.gem_p", 0.0, lo_open=True)
+  c.boolean("model.freeze_encoder_bn")
   c.string("model.init.checkpoint")
   c.check("model.init.load", lambda v: isinstance(v, (tuple, list)) and len(set(v)) == len(v)
           and set(v) <= set(TOWERS), f"a tuple of distinct tower names out of {', '.join(TOWERS)}")

@@ -62,15 +62,17 @@ class ModelSpec:
   num_classes: int         # identities of the classifiers
   dtype: str = "float32"   # compute dtype (parameters stay float32)
   gem_p: float = 3.0       # initial GeM exponent
+  freeze_encoder_bn: bool = False  # the tower's BatchNorm statistics fixed in training
 
   def to_json(self) -> dict:
     return {"vision": dict(self.vision), "text": dict(self.text), "num_classes": self.num_classes,
-            "dtype": self.dtype, "gem_p": self.gem_p}
+            "dtype": self.dtype, "gem_p": self.gem_p, "freeze_encoder_bn": self.freeze_encoder_bn}
 
   @classmethod
   def from_json(cls, d: dict) -> "ModelSpec":
     return cls(vision=dict(d["vision"]), text=dict(d["text"]), num_classes=int(d["num_classes"]),
-               dtype=str(d["dtype"]), gem_p=float(d["gem_p"]))
+               dtype=str(d["dtype"]), gem_p=float(d["gem_p"]),
+               freeze_encoder_bn=bool(d.get("freeze_encoder_bn", False)))
 
 
 class Model(NamedTuple):
@@ -121,13 +123,14 @@ def model_spec(config: ml_collections.ConfigDict, num_classes: int,
   vision, text = tower_configs(config, pretrained)
   compute_dtype(config.model.dtype)  # validates the name
   return ModelSpec(vision=vision, text=text, num_classes=int(num_classes),
-                   dtype=config.model.dtype, gem_p=float(config.model.gem_p))
+                   dtype=config.model.dtype, gem_p=float(config.model.gem_p),
+                   freeze_encoder_bn=bool(config.model.freeze_encoder_bn))
 
 
 def build_model(spec: ModelSpec) -> Model:
   """The EEES module and the text tower of a spec: the one construction path of the project."""
   eees = eees_lib.EEES(vision=spec.vision, num_classes=spec.num_classes, gem_p=spec.gem_p,
-                       dtype=compute_dtype(spec.dtype))
+                       dtype=compute_dtype(spec.dtype), freeze_encoder_bn=spec.freeze_encoder_bn)
   return Model(eees=eees, text=towers.build_text_tower(spec.text))
 
 

@@ -43,6 +43,9 @@ class EEES(nn.Module):
   num_classes: int
   gem_p: float = 3.0
   dtype: Any = jnp.float32
+  # True: the tower's BatchNorm layers normalise with their (pretrained) running statistics in
+  # training too and never update them (frozen BN); the heads' BNNecks still train.
+  freeze_encoder_bn: bool = False
 
   def setup(self):
     self.encoder = towers.build_vision_tower(dict(self.vision), dtype=self.dtype)
@@ -60,7 +63,8 @@ class EEES(nn.Module):
 
     Returns f [B, Df], v [B, Dv] (float32, before BN), f_bn, v_bn, logits_f, logits_v [B, C].
     """
-    out = self.encoder(images.astype(self.dtype), modality, train=train)
+    out = self.encoder(images.astype(self.dtype), modality,
+                       train=train and not self.freeze_encoder_bn)
     if "map" in out:
       f = self.gem(out["map"])
     else:
