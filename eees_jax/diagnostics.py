@@ -20,6 +20,10 @@ truth (captions.jsonl) cover every image:
   in that attribute's value are ranked by similarity to v^_i; accuracy of the true value, beside
   the same accuracy on attributes the caption does state.
 
+- Which half of the test-time feature carries the retrieval: infrared -> visible Rank-1 and mAP of
+  the whole feature and of its l2(BN f) blocks and its l2(v) blocks alone (`feature_blocks`), each
+  with the mirrored image's block when the model uses flip. On the synthetic benchmark f starts
+  from an untrained GeM pooling while v is CLIP's pooled output, so the two can differ widely.
 - Fit or generalisation: Rank-1 and mAP of the test-time features for infrared -> visible,
   visible -> visible and infrared -> infrared queries (`modality_retrieval`), on the split's
   identities and on as many training identities. A model that separates people within a modality
@@ -112,6 +116,26 @@ def modality_retrieval(features: np.ndarray, pids: np.ndarray, modality: np.ndar
     out[name] = {"rank1": 100 * float(res["cmc_standard"][0]), "mAP": 100 * float(res["mAP"]),
                  "queries": int(res["num_valid_queries"])}
   return out
+
+
+def feature_blocks(features: np.ndarray, joint_dim: int, flip: bool) -> dict[str, np.ndarray]:
+  """The test-time feature [n, D] and its f and v parts: {"f+v": [n, D], "f": [n, Df(*2)], "v": ...}.
+
+  The layout is EEES.embed's: per view concat(l2(BN f) [Df], l2(v) [joint_dim]), the mirrored view's
+  after the image's when `flip`. Each part keeps both views, so its cosine ranking is that of the
+  sum of the per-view cosines, as for the whole feature.
+  """
+  features = np.asarray(features, np.float32)
+  views = 2 if flip else 1
+  per_view = features.shape[1] // views
+  if per_view * views != features.shape[1] or not 0 < joint_dim < per_view:
+    raise ValueError(f"a feature of {features.shape[1]} dims does not split into {views} view(s) "
+                     f"of f and a {joint_dim}-d v")
+  f_dim = per_view - joint_dim
+  starts = [k * per_view for k in range(views)]
+  f = np.concatenate([features[:, s:s + f_dim] for s in starts], axis=1)
+  v = np.concatenate([features[:, s + f_dim:s + per_view] for s in starts], axis=1)
+  return {"f+v": features, "f": f, "v": v}
 
 
 def teacher_agreement(v: np.ndarray, t: np.ndarray, pids: np.ndarray, temperature: float
@@ -210,7 +234,10 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
   gap_v, _ = modality_gap(v, pids, modality)
   kl, agree = teacher_agreement(v, t, pids, float(cfg.loss.cvsc.kd_temperature))
   train_records = sysu_mm01.training_records(root, len(set(pids.tolist())))
+  blocks = {name: modality_retrieval(x, pids, modality, camids)["ir->vis"]
+            for name, x in feature_blocks(features, model.joint_dim, model.flip).items()}
   return {"workdir": workdir, "step": model.step, "split": split, "images": len(records),
+          "blocks": blocks,
           "retrieval": {split: modality_retrieval(features, pids, modality, camids),
                         "train": modality_retrieval(
                             _embed(model, root, train_records),
@@ -243,6 +270,14 @@ def markdown(results: Sequence[dict]) -> str:
                  f"{100 * r['cvsc']['teacher_top1']:.1f}% | "
                  f"{100 * a['omitted']['all']:.1f}% (n={a['omitted']['count']}) | "
                  f"{100 * a['stated']['all']:.1f}% (n={a['stated']['count']}) |")
+  lines += ["", "Infrared -> visible Rank-1 / mAP on the split's identities of the test-time feature and "
+            "of its two halves alone:", "", "| run | f + v (test-time feature) | l2(BN f) | l2(v) |",
+            "|---|---|---|---|"]
+  for r in results:
+    if "blocks" in r:
+      cells = " | ".join(f"{r['blocks'][k]['rank1']:.1f} / {r['blocks'][k]['mAP']:.1f}"
+                         for k in ("f+v", "f", "v"))
+      lines.append(f"| {r['workdir']} | {cells} |")
   lines += ["", "Rank-1 / mAP of the test-time features by modality, on the split's identities and on "
             "as many training identities (fit or generalisation):", "",
             "| run | identities | infrared → visible | visible → visible | infrared → infrared |",

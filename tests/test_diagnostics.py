@@ -156,6 +156,35 @@ def test_modality_retrieval_keeps_other_people_from_the_query_camera():
   np.testing.assert_allclose(got["mAP"], 100 * (0.5 + 0.5 + (0.5 + 2 / 3) / 2) / 3, rtol=1e-6)
 
 
+def test_feature_blocks_split_the_embed_layout():
+  # Built the way EEES.embed lays a feature out: per view [l2 f (3 dims) | l2 v (2 dims)], the mirror
+  # after the image. v identifies the person, f is noise: v alone must rank perfectly.
+  rng = np.random.default_rng(5)
+  pids = np.array([1, 2, 3, 1, 2, 3])
+  modality = np.array([VISIBLE] * 3 + [INFRARED] * 3)
+  camids = np.array([1, 1, 1, 3, 3, 3])
+  v_of = {1: [1.0, 0.0], 2: [0.0, 1.0], 3: [-1.0, 0.0]}
+  f, v, f_m, v_m = (_unit(rng.normal(size=(6, 3))), np.array([v_of[p] for p in pids]),
+                    _unit(rng.normal(size=(6, 3))), np.array([v_of[p] for p in pids]))
+  f, v, f_m, v_m = (x.astype(np.float32) for x in (f, v, f_m, v_m))
+  feats = np.concatenate([f, v, f_m, v_m], axis=1)
+  blocks = diagnostics.feature_blocks(feats, joint_dim=2, flip=True)
+  np.testing.assert_array_equal(blocks["f"], np.concatenate([f, f_m], axis=1))
+  np.testing.assert_array_equal(blocks["v"], np.concatenate([v, v_m], axis=1))
+  np.testing.assert_array_equal(blocks["f+v"], feats)
+  got = diagnostics.modality_retrieval(blocks["v"], pids, modality, camids)["ir->vis"]
+  assert got["rank1"] == 100.0 and got["mAP"] == 100.0
+  one_view = diagnostics.feature_blocks(feats[:, :5], joint_dim=2, flip=False)
+  np.testing.assert_array_equal(one_view["f"], f)
+  np.testing.assert_array_equal(one_view["v"], v)
+  try:
+    diagnostics.feature_blocks(feats[:, :9], joint_dim=2, flip=True)
+  except ValueError as e:
+    assert "9 dims" in str(e)
+  else:
+    raise AssertionError("an odd width must not split into two views")
+
+
 def test_diagnose_reports_retrieval_on_the_split_and_on_training_ids(tiny_workdir):
   from data_pipelines import sysu_mm01
   out = diagnostics.diagnose(tiny_workdir["workdir"], tiny_workdir["root"], split="test")
@@ -167,5 +196,7 @@ def test_diagnose_reports_retrieval_on_the_split_and_on_training_ids(tiny_workdi
     for row in ("ir->vis", "vis->vis", "ir->ir"):
       cell = out["retrieval"][which][row]
       assert cell["queries"] > 0 and 0.0 <= cell["rank1"] <= 100.0
+  assert set(out["blocks"]) == {"f+v", "f", "v"}
+  assert out["blocks"]["f+v"] == out["retrieval"]["test"]["ir->vis"]
   md = diagnostics.markdown([out])
-  assert "| train |" in md and "| test |" in md
+  assert "| train |" in md and "| test |" in md and "l2(BN f)" in md
