@@ -234,11 +234,14 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
   gap_v, _ = modality_gap(v, pids, modality)
   kl, agree = teacher_agreement(v, t, pids, float(cfg.loss.cvsc.kd_temperature))
   train_records = sysu_mm01.training_records(root, len(set(pids.tolist())))
-  blocks = {name: modality_retrieval(x, pids, modality, camids)["ir->vis"]
-            for name, x in feature_blocks(features, model.joint_dim, model.flip).items()}
+  on_split = modality_retrieval(features, pids, modality, camids)
+  halves = feature_blocks(features, model.joint_dim, model.flip)
+  blocks = {"f+v": on_split["ir->vis"]}  # the whole feature's row, already ranked above
+  blocks.update({name: modality_retrieval(halves[name], pids, modality, camids)["ir->vis"]
+                 for name in ("f", "v")})
   return {"workdir": workdir, "step": model.step, "split": split, "images": len(records),
           "blocks": blocks,
-          "retrieval": {split: modality_retrieval(features, pids, modality, camids),
+          "retrieval": {split: on_split,
                         "train": modality_retrieval(
                             _embed(model, root, train_records),
                             *(np.asarray([getattr(r, k) for r in train_records])
