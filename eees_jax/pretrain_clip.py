@@ -48,6 +48,7 @@ from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from data_pipelines.records import ImageRecord
 from eees_jax.models import tokenizer as tokenizer_lib
 from eees_jax import weights as weights_lib
+from eees_jax.models import eees as eees_lib
 from eees_jax.models import towers
 
 RECORD_KEY = "pretraining"  # where the settings go in the checkpoint's config.json
@@ -65,6 +66,8 @@ def settings(config: ml_collections.ConfigDict) -> dict:
   out["text"] = config.model.text.to_dict()
   out["tokenizer"] = config.text.tokenizer
   out["input"] = [config.input.height, config.input.width]
+  if p.map_attribute_weight:  # the exponent of the pooled map the term reads
+    out["gem_p"] = config.model.gem_p
   return json.loads(json.dumps(out))  # tuples -> lists, as they come back from JSON
 
 
@@ -133,11 +136,13 @@ def attribute_loss(features: jax.Array, head: dict, labels: jax.Array, sizes: tu
 
 def train_step(state: State, images: jax.Array, tokens: jax.Array, labels: jax.Array,
                modality: jax.Array, key: jax.Array, *, vision, text, tx, pad: int, flip: float,
-               attribute_weight: float = 0.0, sizes: tuple[int, ...] = (), stems: int = 1
-               ) -> tuple[State, dict]:
+               attribute_weight: float = 0.0, sizes: tuple[int, ...] = (), stems: int = 1,
+               map_attribute_weight: float = 0.0, gem_p: float = 3.0) -> tuple[State, dict]:
   """One step on uint8 images [B, H, W, 3], their tokens [B, L], attribute labels [B, A] and
   modalities [B] (used with one stem per modality, `stems` > 1): the contrastive loss, plus
-  `attribute_weight` times `attribute_loss` when that weight is not 0."""
+  `attribute_weight` times `attribute_loss` of the pooled output, plus `map_attribute_weight` times
+  `attribute_loss` of the last feature map GeM-pooled at exponent `gem_p` (EEES's f at its start),
+  each when its weight is not 0."""
   x = normalize(augment(key, images, pad, flip), CLIP_MEAN, CLIP_STD)
 
   def loss_fn(params):
@@ -149,10 +154,13 @@ def train_step(state: State, images: jax.Array, tokens: jax.Array, labels: jax.A
     contrastive, acc = clip_loss(pooled, t.astype(jnp.float32), params["logit_scale"])
     attributes = (attribute_loss(pooled, params["attribute_head"], labels, sizes)
                   if attribute_weight else jnp.zeros(()))
-    return contrastive + attribute_weight * attributes, (acc, contrastive, attributes,
-                                                         updates["batch_stats"])
+    map_attributes = (attribute_loss(eees_lib.gem_pool(out["map"], gem_p),
+                                     params["map_attribute_head"], labels, sizes)
+                      if map_attribute_weight else jnp.zeros(()))
+    total = contrastive + attribute_weight * attributes + map_attribute_weight * map_attributes
+    return total, (acc, contrastive, attributes, map_attributes, updates["batch_stats"])
 
-  (loss, (acc, contrastive, attributes, batch_stats)), grads = jax.value_and_grad(
+  (loss, (acc, contrastive, attributes, map_attributes, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -160,7 +168,8 @@ def train_step(state: State, images: jax.Array, tokens: jax.Array, labels: jax.A
   params["logit_scale"] = jnp.minimum(params["logit_scale"], jnp.log(100.0))
   return (state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                         opt_state=opt_state),
-          {"loss": loss, "contrastive": contrastive, "attributes": attributes, "accuracy": acc,
+          {"loss": loss, "contrastive": contrastive, "attributes": attributes,
+           "map_attributes": map_attributes, "accuracy": acc,
            "scale": jnp.exp(params["logit_scale"])})
 
 
@@ -205,12 +214,17 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
   pretrain.attribute_weight > 0) and writes them to `out` (converted format).
 
   Returns {"seconds", "final_loss" (contrastive), "final_attribute_loss" (0 unless
-  pretrain.attribute_weight), "final_accuracy", "images"}.
+  pretrain.attribute_weight), "final_map_attribute_loss" (0 unless pretrain.map_attribute_weight),
+  "final_accuracy", "images"}.
   """
   p = config.pretrain
-  if p.attribute_weight < 0:
-    raise PretrainError(f"config.pretrain.attribute_weight={p.attribute_weight} must be >= 0 "
-                        "(0: the contrastive loss alone)")
+  for name in ("attribute_weight", "map_attribute_weight"):
+    if p[name] < 0:
+      raise PretrainError(f"config.pretrain.{name}={p[name]} must be >= 0 (0: no such term)")
+  if p.map_attribute_weight and config.model.vision.kind != "resnet":
+    raise PretrainError(f"config.pretrain.map_attribute_weight={p.map_attribute_weight} needs a "
+                        "ResNet image tower (a last feature map for GeM); "
+                        f"config.model.vision.kind is {config.model.vision.kind!r}: set it to 0")
   start = time.perf_counter()
   images, tokens, attribute_labels, sizes, modality = _pretraining_data(config)
   n = len(images)
@@ -235,6 +249,11 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
     params["attribute_head"] = {
         "w": 0.01 * jax.random.normal(jax.random.fold_in(key, 1), (width, sum(sizes))),
         "b": jnp.zeros((sum(sizes),), jnp.float32)}
+  if p.map_attribute_weight:  # the same on the GeM-pooled last map (32 x width channels)
+    channels = 32 * int(vision_cfg["width"])
+    params["map_attribute_head"] = {
+        "w": 0.01 * jax.random.normal(jax.random.fold_in(key, 2), (channels, sum(sizes))),
+        "b": jnp.zeros((sum(sizes),), jnp.float32)}
   params = flax.core.unfreeze(params)
   # No weight decay on gains, biases, embeddings' scale or the temperature (CLIP's recipe).
   decay_mask = jax.tree_util.tree_map_with_path(
@@ -247,7 +266,9 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
   step_fn = jax.jit(functools.partial(train_step, vision=vision, text=text, tx=tx,
                                       pad=p.aug.pad, flip=p.aug.flip,
                                       attribute_weight=float(p.attribute_weight), sizes=sizes,
-                                      stems=int(vision_cfg["num_modalities"])),
+                                      stems=int(vision_cfg["num_modalities"]),
+                                      map_attribute_weight=float(p.map_attribute_weight),
+                                      gem_p=float(config.model.gem_p)),
                     donate_argnums=(0,))
 
   rng = np.random.default_rng([p.seed, 7])
@@ -267,11 +288,13 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
                             "config.pretrain.lr")
       bar.set_postfix(loss=f"{m['contrastive']:.3f}", acc=f"{m['accuracy']:.2f}",
                       scale=f"{m['scale']:.1f}",
-                      **({"attr": f"{m['attributes']:.3f}"} if p.attribute_weight else {}))
+                      **({"attr": f"{m['attributes']:.3f}"} if p.attribute_weight else {}),
+                      **({"map": f"{m['map_attributes']:.3f}"} if p.map_attribute_weight else {}))
   bar.close()
   m = jax.device_get(metrics)
   result = {"seconds": round(time.perf_counter() - start, 1), "final_loss": float(m["contrastive"]),
             "final_attribute_loss": float(m["attributes"]),
+            "final_map_attribute_loss": float(m["map_attributes"]),
             "final_accuracy": float(m["accuracy"]), "images": n}
   _write(config, jax.device_get(state), vision_cfg, text_cfg, out, result)
   return result

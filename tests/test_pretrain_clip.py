@@ -1,5 +1,6 @@
 """eees_jax.pretrain_clip: the contrastive loss against a plain loop, a tiny deterministic pretraining
 written in the format EEES starts from, and the reuse rules of `ensure_pretrained`."""
+import functools
 import json
 import math
 import os
@@ -7,11 +8,15 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import synthetic as synthetic_config
+from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
 from eees_jax import pretrain_clip
 from eees_jax import weights as weights_lib
+from eees_jax.models import eees as eees_lib
+from eees_jax.models import towers
 
 
 def test_clip_loss_equals_a_plain_loop():
@@ -47,6 +52,15 @@ def test_attribute_loss_equals_a_plain_loop():
   got = pretrain_clip.attribute_loss(jnp.asarray(feats), jax.tree.map(jnp.asarray, head),
                                      jnp.asarray(labels), sizes)
   np.testing.assert_allclose(float(got), total / 3, rtol=1e-5)
+
+
+def test_gem_pool_equals_a_plain_loop():
+  x = np.random.default_rng(5).normal(size=(2, 3, 2, 4))   # negatives are clipped to eps
+  got = np.asarray(eees_lib.gem_pool(jnp.asarray(x), 3.0))
+  for b in range(2):
+    for c in range(4):
+      vals = [max(x[b, i, j, c], 1e-6) ** 3 for i in range(3) for j in range(2)]
+      np.testing.assert_allclose(got[b, c], (sum(vals) / 6) ** (1 / 3), rtol=1e-5)
 
 
 def test_augment_is_a_padded_crop_or_its_mirror():
@@ -141,3 +155,74 @@ def test_attribute_term_and_modality_stems_change_what_is_learnt(pretrained, tmp
   config.pretrain.attribute_weight = -1.0
   with pytest.raises(pretrain_clip.PretrainError, match="attribute_weight=-1.0 must be >= 0"):
     pretrain_clip.pretrain(config, str(tmp_path / "negative"))
+
+
+def test_map_attribute_term_trains_the_last_map_and_is_recorded(pretrained, tmp_path):
+  _, _, base = pretrained
+  results, towers_ = {}, {}
+  for weight in (0.0, 1.0):
+    config = _tiny_config(base)
+    config.pretrain.map_attribute_weight = weight
+    out = str(tmp_path / f"clip_map_{weight}")
+    results[weight] = pretrain_clip.pretrain(config, out)
+    towers_[weight] = weights_lib.load_clip(out)
+    # gem_p decides what the term reads, so it is part of the settings only when the term is on.
+    assert ("gem_p" in pretrain_clip.recorded_settings(out)) == bool(weight)
+  assert results[0.0]["final_map_attribute_loss"] == 0.0
+  assert results[1.0]["final_map_attribute_loss"] > 0
+  assert set(towers_[1.0].vision_params) == set(towers_[0.0].vision_params)  # head not written
+  config = _tiny_config(base)
+  config.pretrain.map_attribute_weight = -2.0
+  with pytest.raises(pretrain_clip.PretrainError, match="map_attribute_weight=-2.0 must be >= 0"):
+    pretrain_clip.pretrain(config, str(tmp_path / "negative"))
+  config = _tiny_config(base)
+  config.pretrain.map_attribute_weight = 1.0
+  config.model.vision.kind = "vit"
+  with pytest.raises(pretrain_clip.PretrainError, match="needs a ResNet image tower"):
+    pretrain_clip.pretrain(config, str(tmp_path / "vit"))
+
+
+def test_map_attribute_term_gradient_reaches_the_tower(tmp_path):
+  """With plain SGD at rate 1 the step's update is minus the gradient, so the update with the map
+  term minus the update without it is minus weight times the gradient of the term alone, computed
+  here from the tower's map, GeM and the head directly."""
+  config = _tiny_config(tmp_path)
+  vision = towers.build_vision_tower(pretrain_clip._vision_architecture(config))
+  text = towers.build_text_tower(config.model.text.to_dict())
+  rng = np.random.default_rng(6)
+  sizes = (2, 3)
+  images = jnp.asarray(rng.integers(0, 256, (4, 32, 16, 3)), jnp.uint8)
+  tokens = jnp.asarray(rng.integers(1, 100, (4, 56)), jnp.int32)
+  labels = jnp.asarray([[0, 2], [1, 0], [1, 1], [0, 1]], jnp.int32)
+  variables = vision.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 16, 3)), None, train=False)
+  head = {"w": jnp.asarray(rng.normal(size=(32 * 8, 5)), jnp.float32), "b": jnp.zeros((5,))}
+  params = {"vision": variables["params"],
+            "text": text.init(jax.random.PRNGKey(1), tokens)["params"],
+            "logit_scale": jnp.asarray(2.0), "map_attribute_head": head}
+  tx = optax.sgd(1.0)
+  state = pretrain_clip.State(step=jnp.zeros((), jnp.int32), params=params,
+                              batch_stats=variables["batch_stats"], opt_state=tx.init(params))
+  step = functools.partial(pretrain_clip.train_step, state, images, tokens, labels,
+                           jnp.zeros((4,), jnp.int32), jax.random.PRNGKey(2), vision=vision,
+                           text=text, tx=tx, pad=0, flip=0.0, sizes=sizes)
+  without, _ = step(map_attribute_weight=0.0)
+  with_term, metrics = step(map_attribute_weight=3.0, gem_p=2.0)
+
+  x = normalize(images, CLIP_MEAN, CLIP_STD)   # pad 0, flip 0: the augmentation is the identity
+
+  def term(vision_params):
+    out, _ = vision.apply({"params": vision_params, "batch_stats": variables["batch_stats"]}, x,
+                          None, train=True, mutable=["batch_stats"])
+    # The pooling written out here, not eees_lib.gem_pool: an independent path to the same term.
+    pooled = jnp.mean(jnp.maximum(out["map"], 1e-6) ** 2, axis=(1, 2)) ** 0.5
+    return pretrain_clip.attribute_loss(pooled, head, labels, sizes)
+
+  value, grad = jax.value_and_grad(term)(params["vision"])
+  np.testing.assert_allclose(float(metrics["map_attributes"]), float(value), rtol=1e-5)
+  for path in (("layer4_0",), ("stem",)):
+    got = jax.tree.map(lambda a, b: a - b, with_term.params["vision"][path[0]],
+                       without.params["vision"][path[0]])
+    want = jax.tree.map(lambda g: -3.0 * g, grad[path[0]])
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-5)
+    assert max(float(jnp.abs(w).max()) for w in jax.tree_util.tree_leaves(want)) > 1e-4

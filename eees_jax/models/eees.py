@@ -22,19 +22,24 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps))
 
 
-class GeM(nn.Module):
-  """Generalised-mean pooling over H and W with a learnable exponent p (Radenovic et al.).
+def gem_pool(x: Array, p: Array | float, eps: float = 1e-6) -> Array:
+  """Generalised mean over H and W: x [B, H, W, C] -> [B, C], (mean of max(x, eps)^p)^(1/p).
 
-  x: [B, H, W, C] -> [B, C]. Computed in float32: x^p overflows bfloat16 quickly.
+  Computed in float32: x^p overflows bfloat16 quickly.
   """
+  x = jnp.maximum(x.astype(jnp.float32), eps)
+  return jnp.mean(x ** p, axis=(1, 2)) ** (1.0 / p)
+
+
+class GeM(nn.Module):
+  """Generalised-mean pooling with a learnable exponent p (Radenovic et al.): `gem_pool`."""
   p_init: float = 3.0
   eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     p = self.param("p", nn.initializers.constant(self.p_init), ())
-    x = jnp.maximum(x.astype(jnp.float32), self.eps)
-    return jnp.mean(x ** p, axis=(1, 2)) ** (1.0 / p)
+    return gem_pool(x, p, self.eps)
 
 
 class EEES(nn.Module):
