@@ -22,8 +22,9 @@ truth (captions.jsonl) cover every image:
 
 - Which half of the test-time feature carries the retrieval: infrared -> visible Rank-1 and mAP of
   the whole feature and of its l2(BN f) blocks and its l2(v) blocks alone (`feature_blocks`), each
-  with the mirrored image's block when the model uses flip. On the synthetic benchmark f starts
-  from an untrained GeM pooling while v is CLIP's pooled output, so the two can differ widely.
+  with the mirrored image's block when the model uses flip. f pools the last map, v is CLIP's
+  pooled output, and the two can differ widely (on the synthetic benchmark without
+  pretrain.map_attribute_weight, f starts at chance).
 - Fit or generalisation: Rank-1 and mAP of the test-time features for infrared -> visible,
   visible -> visible and infrared -> infrared queries (`modality_retrieval`), on the split's
   identities and on as many training identities. A model that separates people within a modality
