@@ -246,16 +246,14 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
   params = {"vision": variables["params"],
             "text": jax.jit(text.init)(k_t, jnp.zeros((2, text_cfg["context_length"]), jnp.int32))["params"],
             "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
-  if p.attribute_weight:  # a linear head on the pooled feature; training only, never written out
-    width = int(vision_cfg["output_dim"])
-    params["attribute_head"] = {
-        "w": 0.01 * jax.random.normal(jax.random.fold_in(key, 1), (width, sum(sizes))),
-        "b": jnp.zeros((sum(sizes),), jnp.float32)}
-  if p.map_attribute_weight:  # the same on the GeM-pooled last map (32 x width channels)
-    channels = 32 * int(vision_cfg["width"])
-    params["map_attribute_head"] = {
-        "w": 0.01 * jax.random.normal(jax.random.fold_in(key, 2), (channels, sum(sizes))),
-        "b": jnp.zeros((sum(sizes),), jnp.float32)}
+  # The attribute terms' linear heads: training only, never written out.
+  head = lambda salt, width: {
+      "w": 0.01 * jax.random.normal(jax.random.fold_in(key, salt), (width, sum(sizes))),
+      "b": jnp.zeros((sum(sizes),), jnp.float32)}
+  if p.attribute_weight:  # on the pooled feature
+    params["attribute_head"] = head(1, int(vision_cfg["output_dim"]))
+  if p.map_attribute_weight:  # on the GeM-pooled last map (32 x width channels)
+    params["map_attribute_head"] = head(2, 32 * int(vision_cfg["width"]))
   params = flax.core.unfreeze(params)
   # No weight decay on gains, biases, embeddings' scale or the temperature (CLIP's recipe).
   decay_mask = jax.tree_util.tree_map_with_path(

@@ -219,10 +219,10 @@ def test_map_attribute_term_gradient_reaches_the_tower(tmp_path):
 
   value, grad = jax.value_and_grad(term)(params["vision"])
   np.testing.assert_allclose(float(metrics["map_attributes"]), float(value), rtol=1e-5)
-  for path in (("layer4_0",), ("stem",)):
-    got = jax.tree.map(lambda a, b: a - b, with_term.params["vision"][path[0]],
-                       without.params["vision"][path[0]])
-    want = jax.tree.map(lambda g: -3.0 * g, grad[path[0]])
+  for name in ("layer4_0", "stem"):
+    got = jax.tree.map(lambda a, b: a - b, with_term.params["vision"][name],
+                       without.params["vision"][name])
+    want = jax.tree.map(lambda g: -3.0 * g, grad[name])
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-5)
     assert max(float(jnp.abs(w).max()) for w in jax.tree_util.tree_leaves(want)) > 1e-4
