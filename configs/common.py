@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
           (r".*", 1.0),
       ),
       warmup_epochs=10, warmup_from=0.01, milestones=(40, 70), gamma=0.1,
+      # Linear probe, then fine-tune: > 0 gives the parameters matching probe_frozen no update
+      # for this many epochs (the schedule runs on; they join it where it is then).
+      probe_epochs=0.0, probe_frozen=r"^model/encoder/",
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -138,12 +138,30 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
+# Options added after runs were recorded, with the value that does what their absence did (None:
+# any value, the option acts only through another one listed here). A run recorded before the
+# option existed still resumes, and an ablation still reuses it, under a config holding that value.
+ADDED_OPTIONS = {
+    "optim.probe_epochs": 0.0,
+    "optim.probe_frozen": None,
+}
+
+
+def _absent_as_before(key: str, recorded: dict, wanted: dict) -> bool:
+  if key in recorded or key not in ADDED_OPTIONS:
+    return False
+  neutral = ADDED_OPTIONS[key]
+  return neutral is None or wanted.get(key) == neutral
+
+
 def differences(recorded: dict, wanted: dict, neutral: Sequence[str] = RESULT_NEUTRAL) -> list[str]:
   """'key: <recorded> there, <wanted> now' for every differing key of two configs (as JSON dicts)
-  outside `neutral` (exact keys, or sections given as "name.")."""
+  outside `neutral` (exact keys, or sections given as "name."); a key of ADDED_OPTIONS that the
+  recorded config lacks counts as its old behaviour."""
   a, b = _flat(recorded), _flat(wanted)
   keys = sorted(k for k in set(a) | set(b)
-                if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in neutral))
+                if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in neutral)
+                and not _absent_as_before(k, a, b))
   missing = "(absent)"
   return [f"{k}: {a.get(k, missing)!r} there, {b.get(k, missing)!r} now"
           for k in keys if a.get(k, missing) != b.get(k, missing)]
@@ -316,6 +334,18 @@ def _optim(c: _Checker) -> None:
   c.check("optim.milestones", lambda v: _tuple_of(lambda x: _is_number(x) and x >= 0)(v)
           and list(v) == sorted(set(v)), "increasing epochs >= 0, e.g. (40, 70)")
   c.number("optim.gamma", 0.0, lo_open=True)
+  c.number("optim.probe_epochs", 0.0)
+  c.check("optim.probe_frozen", _valid_regex, "a valid regular expression over parameter paths")
+
+
+def _valid_regex(v) -> bool:
+  if not isinstance(v, str) or not v:
+    return False
+  try:
+    re.compile(v)
+  except re.error:
+    return False
+  return True
 
 
 def _train(c: _Checker) -> None:

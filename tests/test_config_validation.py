@@ -51,6 +51,8 @@ BAD = [
     ("synthetic", ["--config.loss.cmsp.hardest_k=2"], ["loss.cmsp.hardest_k = 2: unset with"]),
     ("synthetic", ["--config.loss.cmsp.distance=l1", "--config.loss.dc.distance=manhattan"],
      ["loss.cmsp.distance = 'l1': one of euclidean, cosine", "loss.dc.distance = 'manhattan'"]),
+    ("synthetic", ["--config.optim.probe_epochs=-1", "--config.optim.probe_frozen=(encoder"],
+     ["optim.probe_epochs = -1.0: a finite number >= 0", "optim.probe_frozen = '(encoder': a valid"]),
     ("synthetic", ["--config.loss.pair.kind=concat"],
      ["loss.pair.kind = 'concat': one of sum, linear, cross_attention"]),
     ("synthetic", ["--config.loss.ese.tau=0", "--config.loss.wrt.weight=-0.5"],
@@ -113,3 +115,21 @@ def test_a_config_missing_a_section_is_named(root):
   del config["mesh"]
   with pytest.raises(ConfigError, match=r"mesh\.data: missing"):
     config_validation.validate(config)
+
+
+def test_an_option_added_later_compares_equal_to_its_absence_only_at_its_old_behaviour():
+  """A run recorded before optim.probe_epochs existed resumes with probe_epochs=0, not with 1."""
+  recorded = {"optim": {"lr": 1e-3}, "seed": 0}
+  now = {"optim": {"lr": 1e-3, "probe_epochs": 0.0, "probe_frozen": "^model/encoder/"}, "seed": 0}
+  assert config_validation.differences(recorded, now) == []
+  now["optim"]["probe_epochs"] = 1.0
+  assert config_validation.differences(recorded, now) == [
+      "optim.probe_epochs: '(absent)' there, 1.0 now"]
+  # Recorded with the option: every difference counts, the neutral value included.
+  recorded["optim"]["probe_epochs"] = 2.0
+  now["optim"]["probe_epochs"] = 0.0
+  assert config_validation.differences(recorded, now) == [
+      "optim.probe_epochs: 2.0 there, 0.0 now"]
+  # Keys not in ADDED_OPTIONS still count when absent.
+  now["seed_extra"] = 1
+  assert "seed_extra: '(absent)' there, 1 now" in config_validation.differences(recorded, now)

@@ -30,6 +30,8 @@ OVERRIDES = {
     "dataset.tfds_data_dir": "data/tfds",
     "eval.shots": (1, 10),
     "model.init.load": ("vision",),
+    "optim.probe_epochs": 1.5,
+    "optim.probe_frozen": "^model/encoder/layer",
 }
 
 

@@ -95,3 +95,52 @@ def test_schedule_warmup_then_steps():
   assert float(s(39)) == pytest.approx(1.0)
   assert float(s(40)) == pytest.approx(0.1)
   assert float(s(60)) == pytest.approx(0.01)
+
+
+def _numpy_adam(w0, grad_fn, lrs, gates, wd=0.0, b1=0.9, b2=0.999, eps=1e-8):
+  """Plain-loop L2 Adam whose step t is scaled by lrs[t] * gates[t]; moments see every gradient."""
+  w, m, v, out = w0.copy(), np.zeros_like(w0), np.zeros_like(w0), []
+  for t, (lr, gate) in enumerate(zip(lrs, gates), start=1):
+    g = grad_fn(w) + wd * w
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    w = w - lr * gate * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    out.append(w.copy())
+  return np.stack(out)
+
+
+def test_probe_freezes_the_matching_parameters_for_its_epochs_only():
+  """2 epochs of 2 steps frozen for model/encoder/, then Adam on; the heads train throughout."""
+  w0 = np.array([2.0, 0.5, -1.0])
+  cfg = _cfg(lr=0.1, weight_decay=0.01, warmup_epochs=1, warmup_from=0.5, milestones=(3,),
+             gamma=0.1, groups=((".*", 1.0),), probe_epochs=2, probe_frozen=r"^model/encoder/")
+  params = {"model": {"encoder": {"w": jnp.asarray(w0, jnp.float32)},
+                      "classifier_f": {"w": jnp.asarray(w0, jnp.float32)}}}
+  tx, schedule = optim.make_optimizer(params, cfg, steps_per_epoch=2)
+  state = tx.init(params)
+  enc, head = [], []
+  for _ in range(8):
+    grads = jax.tree.map(lambda p: jnp.asarray(_grad(np.asarray(p)), jnp.float32), params)
+    updates, state = tx.update(grads, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    enc.append(np.asarray(params["model"]["encoder"]["w"]))
+    head.append(np.asarray(params["model"]["classifier_f"]["w"]))
+  # The schedule by hand: warm-up 0.05 -> 0.1 over 2 steps, 0.1 until epoch 3, then 0.01.
+  lrs = [0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01]
+  np.testing.assert_allclose([float(schedule(t)) for t in range(8)], lrs, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.stack(head), _numpy_adam(w0, _grad, lrs, [1] * 8, wd=0.01), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      np.stack(enc), _numpy_adam(w0, _grad, lrs, [0] * 4 + [1] * 4, wd=0.01), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(enc[3], w0)      # untouched for the 4 probe steps
+  assert np.abs(enc[4] - w0).max() > 1e-2        # and moving from the fifth
+
+
+def test_probe_regex_that_matches_nothing_is_an_error_and_zero_epochs_freeze_nothing():
+  with pytest.raises(ValueError, match="probe_frozen 'tower/'"):
+    optim.make_optimizer(_params(), _cfg(probe_epochs=1, probe_frozen="tower/"), steps_per_epoch=2)
+  params = _params()
+  tx, _ = optim.make_optimizer(params, _cfg(warmup_epochs=0, probe_epochs=0,
+                                            probe_frozen="^model/encoder/"), steps_per_epoch=1)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  np.testing.assert_allclose(updates["model"]["encoder"]["w"], -0.1, rtol=1e-5)
