@@ -63,6 +63,9 @@ def get_config():
       # already in pretraining (val Rank-1 12.17 against 9.90, one seed, but a regime real CLIP
       # does not give).
       modality_stems=False,
+      # True: pretrain on the visible images alone, as real CLIP never saw infrared; EEES then
+      # has to learn the infrared side itself. False: the pretraining set's infrared images too.
+      visible_only=False,
       aug=dict(pad=0, flip=0.5),
   ))
 

@@ -47,7 +47,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from data_pipelines.ops import CLIP_MEAN, CLIP_STD, normalize
-from data_pipelines.records import ImageRecord
+from data_pipelines.records import VISIBLE, ImageRecord
 from eees_jax.models import tokenizer as tokenizer_lib
 from eees_jax import weights as weights_lib
 from eees_jax.models import eees as eees_lib
@@ -70,6 +70,8 @@ def settings(config: ml_collections.ConfigDict) -> dict:
   out["input"] = [config.input.height, config.input.width]
   if p.map_attribute_weight:  # the exponent of the pooled map the term reads
     out["gem_p"] = config.model.gem_p
+  if not out.get("visible_only", False):  # recorded only when on: older checkpoints stay valid
+    out.pop("visible_only", None)
   return json.loads(json.dumps(out))  # tuples -> lists, as they come back from JSON
 
 
@@ -192,6 +194,8 @@ def _pretraining_data(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple
   from data_pipelines.synthetic import labels as labels_lib
   captions = descriptions_lib.read_records(os.path.join(p.data.root, synthetic.DESCRIPTIONS))
   paths = sorted(captions)
+  if p.get("visible_only", False):   # as real CLIP, which never saw an infrared image
+    paths = [path for path in paths if sysu_mm01.camera_modality(int(path[3])) == VISIBLE]
   records = [ImageRecord(path, 0, int(path[3]), sysu_mm01.camera_modality(int(path[3])))
              for path in paths]
   images = input_pipeline.decode_images(p.data.root, records, height=config.input.height,
@@ -227,6 +231,9 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
     raise PretrainError(f"config.pretrain.map_attribute_weight={p.map_attribute_weight} needs a "
                         "ResNet image tower (a last feature map for GeM); "
                         f"config.model.vision.kind is {config.model.vision.kind!r}: set it to 0")
+  if p.get("visible_only", False) and p.modality_stems:
+    raise PretrainError("config.pretrain.visible_only=True leaves the infrared stem of "
+                        "pretrain.modality_stems=True untrained: set one of them to False")
   start = time.perf_counter()
   images, tokens, attribute_labels, sizes, modality = _pretraining_data(config)
   n = len(images)

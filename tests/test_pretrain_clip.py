@@ -182,6 +182,26 @@ def test_map_attribute_term_trains_the_last_map_and_is_recorded(pretrained, tmp_
     pretrain_clip.pretrain(config, str(tmp_path / "vit"))
 
 
+def test_visible_only_drops_every_infrared_image_and_is_recorded_only_when_on(pretrained, tmp_path):
+  _, _, base = pretrained
+  config = _tiny_config(base)
+  *_, modality = pretrain_clip._pretraining_data(config)
+  config.pretrain.visible_only = True
+  images, tokens, labels, _, vis_modality = pretrain_clip._pretraining_data(config)
+  # Counted on disk, SYSU-MM01's layout: cameras 3 and 6 are the infrared ones.
+  def files(cams):
+    return sum(len(names) for cam in cams
+               for _, _, names in os.walk(os.path.join(base, "pretrain_set", f"cam{cam}")))
+  assert files((3, 6)) > 0 and (modality == 1).sum() == files((3, 6))
+  assert len(images) == len(tokens) == len(labels) == files((1, 2, 4, 5))
+  assert (vis_modality == 0).all()
+  assert "visible_only" not in pretrain_clip.settings(_tiny_config(base))   # older checkpoints
+  assert pretrain_clip.settings(config)["visible_only"] is True
+  config.pretrain.modality_stems = True
+  with pytest.raises(pretrain_clip.PretrainError, match="visible_only=True leaves the infrared stem"):
+    pretrain_clip.pretrain(config, str(tmp_path / "both"))
+
+
 def test_map_attribute_term_gradient_reaches_the_tower(tmp_path):
   """With plain SGD at rate 1 the step's update is minus the gradient, so the update with the map
   term minus the update without it is minus weight times the gradient of the term alone, computed
