@@ -144,6 +144,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 ADDED_OPTIONS = {
     "optim.probe_epochs": 0.0,
     "optim.probe_frozen": None,
+    "pretrain.visible_only": False,
 }
 
 

@@ -130,6 +130,10 @@ def test_an_option_added_later_compares_equal_to_its_absence_only_at_its_old_beh
   now["optim"]["probe_epochs"] = 0.0
   assert config_validation.differences(recorded, now) == [
       "optim.probe_epochs: 2.0 there, 0.0 now"]
+  assert config_validation.differences({"pretrain": {"steps": 5}},
+                                       {"pretrain": {"steps": 5, "visible_only": False}}) == []
+  assert config_validation.differences({"pretrain": {"steps": 5}},
+                                       {"pretrain": {"steps": 5, "visible_only": True}}) != []
   # Keys not in ADDED_OPTIONS still count when absent.
   now["seed_extra"] = 1
   assert "seed_extra: '(absent)' there, 1 now" in config_validation.differences(recorded, now)
