@@ -336,17 +336,9 @@ def _optim(c: _Checker) -> None:
           and list(v) == sorted(set(v)), "increasing epochs >= 0, e.g. (40, 70)")
   c.number("optim.gamma", 0.0, lo_open=True)
   c.number("optim.probe_epochs", 0.0)
-  c.check("optim.probe_frozen", _valid_regex, "a valid regular expression over parameter paths")
-
-
-def _valid_regex(v) -> bool:
-  if not isinstance(v, str) or not v:
-    return False
-  try:
-    re.compile(v)
-  except re.error:
-    return False
-  return True
+  # check() turns re.error into a reported bad value, as for optim.groups.
+  c.check("optim.probe_frozen", lambda v: isinstance(v, str) and bool(v) and bool(re.compile(v)),
+          "a valid regular expression over parameter paths")
 
 
 def _train(c: _Checker) -> None:

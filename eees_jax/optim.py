@@ -67,12 +67,11 @@ def probe_steps(optim_cfg: Any, steps_per_epoch: int) -> int:
 def probe_labels(params: Any, frozen_regex: str) -> Any:
   """True for every leaf whose '/'-joined path matches `frozen_regex` (frozen while probing)."""
   rx = re.compile(frozen_regex)
-  flat = traverse_util.flatten_dict(params)
-  found = {k: bool(rx.search("/".join(k))) for k in flat}
+  paths = param_paths(params)
+  found = {k: bool(rx.search(path)) for k, path in paths.items()}
   if not any(found.values()):
     raise ValueError(f"config.optim.probe_frozen {frozen_regex!r} matches no parameter; the probe "
-                     "phase would freeze nothing (parameters look like "
-                     f"{'/'.join(next(iter(flat)))!r})")
+                     f"phase would freeze nothing (parameters look like {next(iter(paths.values()))!r})")
   return traverse_util.unflatten_dict(found)
 
 

@@ -193,11 +193,11 @@ def _pretraining_data(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple
   from data_pipelines import synthetic, sysu_mm01
   from data_pipelines.synthetic import labels as labels_lib
   captions = descriptions_lib.read_records(os.path.join(p.data.root, synthetic.DESCRIPTIONS))
-  paths = sorted(captions)
-  if p.get("visible_only", False):   # as real CLIP, which never saw an infrared image
-    paths = [path for path in paths if sysu_mm01.camera_modality(int(path[3])) == VISIBLE]
   records = [ImageRecord(path, 0, int(path[3]), sysu_mm01.camera_modality(int(path[3])))
-             for path in paths]
+             for path in sorted(captions)]
+  if p.get("visible_only", False):   # as real CLIP, which never saw an infrared image
+    records = [r for r in records if r.modality == VISIBLE]
+  paths = [r.path for r in records]
   images = input_pipeline.decode_images(p.data.root, records, height=config.input.height,
                                         width=config.input.width)
   tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
