@@ -80,9 +80,11 @@ def _tiny_config(tmp_path, steps=3):
   c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=56)
   c.pretrain.data.root = str(tmp_path / "pretrain_set")
   c.pretrain.data.generate.update(num_ids=6, images_per_camera=1, height=32, width=16)
-  # Plain CLIP pretraining (one shared stem, contrastive loss alone); the attribute term and the
-  # per-modality stems of the default have their own test below.
-  c.pretrain.update(steps=steps, batch_size=8, attribute_weight=0.0, modality_stems=False)
+  # Plain CLIP pretraining (one shared stem, contrastive loss alone, both modalities); the
+  # attribute term, the per-modality stems and the default's visible-only data have their own
+  # tests below.
+  c.pretrain.update(steps=steps, batch_size=8, attribute_weight=0.0, modality_stems=False,
+                    visible_only=False)
   return c
 
 
