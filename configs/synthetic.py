@@ -3,9 +3,9 @@
 The regime of real use, scaled to a CPU: a small CLIP-family model (ModifiedResNet, 2-layer text
 transformer) is first pretrained with CLIP's contrastive objective plus an attribute term on
 captioned synthetic visible images of other people (no infrared, as for real CLIP; `pretrain`,
-written once to `model.init.checkpoint`),
-then EEES starts from it as configs/sysu.py starts from OpenAI's RN50: the image tower and its
-stems from the checkpoint, the text tower frozen, every description embedded once and cached. Same sampler, views, augmentation, losses and protocol as on
+written once to `model.init.checkpoint`), then EEES starts from it as configs/sysu.py starts from
+OpenAI's RN50: the image tower and its stems from the checkpoint, the text tower frozen, every
+description embedded once and cached. Same sampler, views, augmentation, losses and protocol as on
 real data.
 """
 import ml_collections

@@ -15,7 +15,8 @@ CPU minutes of contrastive learning do not (README, "How the synthetic config wa
 the same on the last feature map GeM-pooled as EEES's f pools it (real CLIP RN50's pooled map is
 informative; without the term this small CLIP's is at chance). `pretrain.modality_stems` trains
 one stem per modality from the start instead of one shared stem (off by default: on real data
-EEES starts both stems from CLIP's one).
+EEES starts both stems from CLIP's one). `pretrain.visible_only` (on in configs/synthetic.py)
+trains on the pretraining set's visible images alone, as real CLIP never saw an infrared image.
 
   python -m eees_jax.pretrain_clip --config=configs/synthetic.py [--config.pretrain.steps=600]
 
