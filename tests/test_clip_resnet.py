@@ -262,6 +262,40 @@ def test_conv2d_1x1_matmul_matches_lax_conv(stride, pad):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,kernel,stride,pad", [
+    ((2, 4, 2, 5), (3, 3), 1, 1),    # the synthetic model's last stage: conv2d takes this path
+    ((2, 2, 4, 5), (3, 3), 1, 1),
+    ((2, 7, 6, 5), (3, 3), 2, 1),    # larger maps, strides, uneven kernels: patch_matmul directly
+    ((2, 9, 5, 5), (3, 2), 1, 0),
+    ((1, 6, 6, 4), (5, 5), 2, 2)])
+def test_patch_matmul_matches_lax_conv(shape, kernel, stride, pad):
+  """The one-matmul form of a convolution against lax.conv_general_dilated, values and gradients;
+  conv2d uses it exactly when the map has fewer positions than the kernel."""
+  rng = np.random.RandomState(6)
+  x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+  k = jnp.asarray(rng.randn(*kernel, shape[-1], 3).astype(np.float32))
+  strides, padding = (stride, stride), ((pad, pad), (pad, pad))
+
+  def ref(x, k):
+    return jax.lax.conv_general_dilated(x, k, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  small = shape[1] * shape[2] < kernel[0] * kernel[1]
+  assert ("dot_general" in str(jax.make_jaxpr(L.conv2d, static_argnums=(2, 3))(
+      x, k, strides, padding))) == small
+  want = ref(x, k)
+  for f in (L.patch_matmul, L.conv2d):
+    got = f(x, k, strides, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.randn(*want.shape).astype(np.float32))
+  g_got = jax.grad(lambda x, k: jnp.sum(L.patch_matmul(x, k, strides, padding) * cot),
+                   argnums=(0, 1))(x, k)
+  g_want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * cot), argnums=(0, 1))(x, k)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_modality_counts_matches_whole_batch_stems():
   """Stems on their own slices (static layout) against stems on the whole batch with masked BN:
   same outputs, running statistics and gradients in training, also with an absent modality."""

@@ -117,8 +117,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
   A 1x1 kernel is computed as a matmul over the channel axis (stride by slicing): XLA:CPU runs dots
   through its fast matmul path but 1x1 convolutions through its convolution path, 2-4x slower
   forward and slower still backward, where the kernel gradient becomes a convolution over the whole
-  feature map behind large transposes. Other kernels use lax.conv_general_dilated (on CPU faster
-  than im2col or per-tap matmul formulations, measured in bench/profile_train_step.py).
+  feature map behind large transposes. A feature map with fewer positions than the kernel (the
+  synthetic model's 4x2 last stage under a 3x3 kernel) goes through `patch_matmul`: XLA swaps the
+  operands of such a convolution and runs the result ~15x slower than the same products as one
+  matmul, forward and backward (BENCHMARKS.md, "Small feature maps"). Other kernels use
+  lax.conv_general_dilated (on CPU faster than im2col or per-tap matmul formulations, measured in
+  bench/profile_train_step.py).
   """
   if kernel.shape[:2] == (1, 1):
     if any(p != (0, 0) for p in padding):
@@ -126,8 +130,24 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     if strides != (1, 1):
       x = x[:, ::strides[0], ::strides[1]]
     return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+  if x.shape[1] * x.shape[2] < kernel.shape[0] * kernel.shape[1]:
+    return patch_matmul(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def patch_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
+                 padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+  """conv2d as one matmul: the kh*kw shifted (strided) views of the padded input side by side on
+  the channel axis [B, H', W', kh*kw*Cin], times the kernel flattened to [kh*kw*Cin, Cout]."""
+  kh, kw, cin, cout = kernel.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  views = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+           for i in range(kh) for j in range(kw)]
+  return jnp.einsum("bhwc,cd->bhwd", jnp.concatenate(views, axis=-1),
+                    kernel.reshape(kh * kw * cin, cout))
 
 
 class Conv(nn.Module):
