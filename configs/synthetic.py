@@ -48,7 +48,10 @@ def get_config():
       data=dict(root="data/synthetic_pretrain", generate=dict(
           num_ids=3000, images_per_camera=1, height=128, width=64, seed=1000, purpose="pretrain",
           min_slots=7, max_slots=11, visible_wrong=0.0, ir_colour_missing=1.0, ir_colour_wrong=0.0,
-          visible_colour_missing=0.3, clutter=0.5, far_prob=0.1, occluder_prob=0.1)),
+          visible_colour_missing=0.3, clutter=0.5, far_prob=0.1, occluder_prob=0.1,
+          # Render no infrared image: visible_only below discards them (the visible images,
+          # captions and people are the same either way). False with visible_only=False.
+          visible_only=True)),
       steps=500, batch_size=128, lr=2e-3, weight_decay=0.0, warmup_fraction=0.05, seed=0,
       # > 0: add this times a per-attribute cross-entropy (the shape cues both modalities show,
       # from the pretraining identities' synthetic.json; a linear head that is not written out)
@@ -67,7 +70,8 @@ def get_config():
       modality_stems=False,
       # True (the default): pretrain on the visible images alone, as real CLIP never saw
       # infrared, so the EEES stage has to build the match across modalities itself, the job it
-      # has on real data. False: the pretraining set's infrared images too; the tower then matches
+      # has on real data. False (with data.generate.visible_only=False, another data.root and
+      # model.init.checkpoint): the pretraining set's infrared images too; the tower then matches
       # people across modalities before EEES starts and the stage mostly erodes that (README,
       # "Where the stage loses the tower"; test mAP: full EEES 34.39, baseline 36.66, 3 seeds).
       visible_only=True,

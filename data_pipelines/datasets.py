@@ -33,7 +33,9 @@ def ensure_synthetic(dataset: Any) -> None:
           f"{root} holds a synthetic set of generator version {written.get('version')}, this code "
           f"writes version {synthetic.VERSION} (captions with gaps, a pretraining set); delete the "
           "folder to regenerate it")
-    have = written.get("settings", {})
+    # Settings the generator records only when on are off where absent, in the set or the config.
+    have = {**synthetic.SETTINGS_OFF_WHEN_ABSENT, **written.get("settings", {})}
+    wanted = {**synthetic.SETTINGS_OFF_WHEN_ABSENT, **wanted}
     differ = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
     if differ:
       raise DatasetError(

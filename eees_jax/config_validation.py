@@ -145,6 +145,7 @@ ADDED_OPTIONS = {
     "optim.probe_epochs": 0.0,
     "optim.probe_frozen": None,
     "pretrain.visible_only": False,
+    "pretrain.data.generate.visible_only": False,
 }
 
 

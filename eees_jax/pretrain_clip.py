@@ -232,6 +232,10 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
     raise PretrainError(f"config.pretrain.map_attribute_weight={p.map_attribute_weight} needs a "
                         "ResNet image tower (a last feature map for GeM); "
                         f"config.model.vision.kind is {config.model.vision.kind!r}: set it to 0")
+  if not p.get("visible_only", False) and p.data.generate.get("visible_only", False):
+    raise PretrainError("config.pretrain.data.generate.visible_only=True generates no infrared "
+                        "images, and config.pretrain.visible_only=False pretrains on them: set "
+                        "both to the same value")
   if p.get("visible_only", False) and p.modality_stems:
     raise PretrainError("config.pretrain.visible_only=True leaves the infrared stem of "
                         "pretrain.modality_stems=True untrained: set one of them to False")

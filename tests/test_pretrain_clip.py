@@ -79,7 +79,8 @@ def _tiny_config(tmp_path, steps=3):
   c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
   c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=56)
   c.pretrain.data.root = str(tmp_path / "pretrain_set")
-  c.pretrain.data.generate.update(num_ids=6, images_per_camera=1, height=32, width=16)
+  c.pretrain.data.generate.update(num_ids=6, images_per_camera=1, height=32, width=16,
+                                  visible_only=False)
   # Plain CLIP pretraining (one shared stem, contrastive loss alone, both modalities); the
   # attribute term, the per-modality stems and the default's visible-only data have their own
   # tests below.
@@ -202,6 +203,19 @@ def test_visible_only_drops_every_infrared_image_and_is_recorded_only_when_on(pr
   config.pretrain.modality_stems = True
   with pytest.raises(pretrain_clip.PretrainError, match="visible_only=True leaves the infrared stem"):
     pretrain_clip.pretrain(config, str(tmp_path / "both"))
+  # A pretraining set generated without infrared images (the default's) gives the same arrays.
+  config.pretrain.modality_stems = False
+  config.pretrain.data.root = str(tmp_path / "visible_set")
+  config.pretrain.data.generate.visible_only = True
+  assert not os.path.exists(tmp_path / "visible_set" / "cam3")
+  got = pretrain_clip._pretraining_data(config)
+  assert os.path.isdir(tmp_path / "visible_set" / "cam1")
+  assert not os.path.exists(tmp_path / "visible_set" / "cam3")
+  for a, b in zip(got, (images, tokens, labels, got[3], vis_modality)):
+    np.testing.assert_array_equal(a, b)
+  config.pretrain.visible_only = False   # ... which a pretraining on both modalities refuses
+  with pytest.raises(pretrain_clip.PretrainError, match="generate.visible_only=True generates no"):
+    pretrain_clip.pretrain(config, str(tmp_path / "mixed"))
 
 
 def test_map_attribute_term_gradient_reaches_the_tower(tmp_path):

@@ -334,6 +334,16 @@ def test_ensure_synthetic_refuses_a_set_made_with_other_settings(tmp_path):
   marker.write_text(json.dumps({**old, "version": 1}))
   with pytest.raises(DatasetError, match="generator version 1"):
     datasets.ensure_synthetic(cfg)
+  marker.write_text(json.dumps(old))
+  # visible_only is recorded only when on: absent in the set or the config means off.
+  cfg.generate.visible_only = False
+  datasets.ensure_synthetic(cfg)                     # the set records no visible_only: reused
+  pre = ml_collections.ConfigDict(dict(root=str(tmp_path / "p"), generate=dict(
+      gen, purpose="pretrain", visible_only=True)))
+  datasets.ensure_synthetic(pre)
+  del pre.generate["visible_only"]
+  with pytest.raises(DatasetError, match=r"visible_only: True there, False in the config"):
+    datasets.ensure_synthetic(pre)
 
 
 def test_a_kill_while_publishing_leaves_a_usable_folder(tmp_path, monkeypatch):
@@ -369,3 +379,24 @@ def test_pretraining_set_has_only_training_identities(tmp_path):
   assert open(tmp_path / "p" / "exp" / "test_id.txt").read() == "\n"
   people = json.load(open(tmp_path / "p" / synthetic.MARKER))["identities"]
   assert people[0] == json.loads(json.dumps(dataclasses.asdict(synthetic.sample_identity(11, 1, "pretrain"))))
+
+
+def test_visible_only_pretraining_set_is_the_full_sets_visible_part(tmp_path):
+  """visible_only renders no infrared image; every other file entry is the full set's, byte for
+  byte, and the captions of the visible images are the same."""
+  small = dict(num_ids=6, images_per_camera=1, height=32, width=16, seed=12, purpose="pretrain")
+  full = _files(synthetic.generate(str(tmp_path / "full"), **small)["out"])
+  summary = synthetic.generate(str(tmp_path / "vis"), visible_only=True, **small)
+  vis = _files(summary["out"])
+  images = lambda files: {k for k in files if k.endswith(".jpg")}
+  infrared = {k for k in images(full) if k.startswith(("cam3", "cam6"))}
+  assert infrared and images(vis) == images(full) - infrared
+  assert all(vis[k] == full[k] for k in images(vis))
+  lines = lambda files: [json.loads(l) for l in files["descriptions.jsonl"].decode().splitlines()]
+  assert lines(vis) == [r for r in lines(full) if not r["image"].startswith(("cam3", "cam6"))]
+  assert summary["settings"]["visible_only"] is True
+  assert "visible_only" not in json.loads(full["synthetic.json"])["settings"]
+  assert json.loads(vis["synthetic.json"])["identities"] == json.loads(full["synthetic.json"])["identities"]
+  with pytest.raises(ValueError, match="visible_only=True is for pretraining sets"):
+    synthetic.generate(str(tmp_path / "bench"), num_ids=6, images_per_camera=1, height=32,
+                       width=16, seed=12, visible_only=True)

@@ -19,4 +19,5 @@ from data_pipelines.synthetic.identities import (CAMERAS, COLOUR_WORDS, INFRARED
                                                   sample_identity)
 from data_pipelines.synthetic.render import ImagePlan, Scene, image_plan, render_image, visible_parts
 from data_pipelines.synthetic.writer import (CAPTION_TRUTH, DESCRIPTIONS, GENERATOR, MARKER, PURPOSES,
-                                              VERSION, format_summary, generate, main)
+                                              SETTINGS_OFF_WHEN_ABSENT, VERSION, format_summary,
+                                              generate, main)

@@ -44,6 +44,9 @@ MARKER = "synthetic.json"
 DESCRIPTIONS = "descriptions.jsonl"
 CAPTION_TRUTH = "captions.jsonl"
 PURPOSES = ("benchmark", "pretrain")
+# Settings recorded in synthetic.json only when on (added after sets were written), with their value
+# when absent.
+SETTINGS_OFF_WHEN_ABSENT = {"visible_only": False}
 _STAGING_PREFIX = ".synthetic-staging-"
 _RETIRED_PREFIX = ".synthetic-retired-"
 _OUTPUTS = tuple(f"cam{c}" for c in CAMERAS) + ("exp", DESCRIPTIONS, CAPTION_TRUTH, MARKER)
@@ -98,11 +101,13 @@ def _publish(staging: str, out: str) -> None:
 
 def settings_of(num_ids: int, images_per_camera: int, height: int, width: int, seed: int,
                 val_fraction: float, num_test: int | None, purpose: str,
-                noise: captions.CaptionNoise, scene: Scene) -> dict:
-  """The settings recorded in synthetic.json (and compared by data_pipelines.datasets)."""
+                noise: captions.CaptionNoise, scene: Scene, visible_only: bool = False) -> dict:
+  """The settings recorded in synthetic.json (and compared by data_pipelines.datasets);
+  visible_only only when on, so sets written before it existed keep their settings."""
   return {"num_ids": num_ids, "images_per_camera": images_per_camera, "height": height,
           "width": width, "seed": seed, "val_fraction": val_fraction, "num_test": num_test,
-          "purpose": purpose, **dataclasses.asdict(noise), **dataclasses.asdict(scene)}
+          "purpose": purpose, **dataclasses.asdict(noise), **dataclasses.asdict(scene),
+          **({"visible_only": True} if visible_only else {})}  # SETTINGS_OFF_WHEN_ABSENT
 
 
 def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: int = 128,
@@ -111,12 +116,14 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
              overwrite: bool = False, min_slots: int = 3, max_slots: int = 6,
              visible_wrong: float = 0.05, ir_colour_missing: float = 0.5,
              ir_colour_wrong: float = 0.25, visible_colour_missing: float = 0.0, clutter: float = 0.5, far_prob: float = 0.1,
-             occluder_prob: float = 0.1, verbose: bool = False) -> dict:
+             occluder_prob: float = 0.1, visible_only: bool = False, verbose: bool = False) -> dict:
   """Writes a synthetic set to `out` and returns a summary.
 
   purpose="benchmark": ids split into test (`num_test`, default a third), val (`val_fraction`) and
   train. purpose="pretrain": every id is a training id (the CLIP pretraining set of SPEC section 6;
-  give it its own seed so its people are not the benchmark's).
+  give it its own seed so its people are not the benchmark's). visible_only (pretraining sets
+  only) renders the visible cameras alone: every visible image, caption and identity is what the
+  full set would hold, without the infrared images a visible-only pretraining discards.
   Returns: {"out" (absolute), "given" (`out` as passed), "ids": {split: count},
   "images_per_camera": {camid: count}, "images", "descriptions", "oracle": {...} (benchmark only),
   "seconds", "settings"}.
@@ -127,6 +134,9 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
                      f"{images_per_camera}, {height}, {width}")
   if purpose not in PURPOSES:
     raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+  if visible_only and purpose != "pretrain":
+    raise ValueError("visible_only=True is for pretraining sets (purpose='pretrain'): a benchmark "
+                     "needs its infrared cameras")
   noise = captions.CaptionNoise(min_slots=min_slots, max_slots=max_slots,
                                 visible_wrong=visible_wrong, ir_colour_missing=ir_colour_missing,
                                 ir_colour_wrong=ir_colour_wrong,
@@ -144,9 +154,10 @@ def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: i
   identities = [sample_identity(seed, pid, splits[pid]) for pid in range(1, num_ids + 1)]
   jobs = [(identity, camid, index, height, width, seed, scene)
           for identity in identities for camid in identity.cameras
+          if not (visible_only and camid in INFRARED_CAMERAS)
           for index in range(1, images_per_camera + 1)]
   settings = settings_of(num_ids, images_per_camera, height, width, seed, val_fraction, num_test,
-                         purpose, noise, scene)
+                         purpose, noise, scene, visible_only)
 
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
@@ -286,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--far_prob", type=float, default=0.1, help="share of distant, small people")
   parser.add_argument("--occluder_prob", type=float, default=0.1,
                       help="share of images with a railing or a pole in front of the person")
+  parser.add_argument("--visible_only", action="store_true",
+                      help="pretraining sets: render the visible cameras only")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace a data set this generator wrote before in --out")
   args = parser.parse_args(argv)
@@ -297,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              ir_colour_missing=args.ir_colour_missing, ir_colour_wrong=args.ir_colour_wrong,
              visible_colour_missing=args.visible_colour_missing, clutter=args.clutter,
              far_prob=args.far_prob, occluder_prob=args.occluder_prob,
-             verbose=True)
+             visible_only=args.visible_only, verbose=True)
   except (DatasetError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
