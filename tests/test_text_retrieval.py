@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import sysu_mm01
-from data_pipelines.records import INFRARED, VISIBLE, ImageRecord
+from data_pipelines.records import INFRARED, VISIBLE, DatasetError, ImageRecord
 from eees_jax.evaluation import report, text_retrieval as tr
 
 from test_metrics import agw_loop_oracle
@@ -167,6 +167,10 @@ def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match="text_weight"):
     tr.evaluate_text_retrieval(joint, joint, records, {"cam1/0001/0001.jpg": "x"},
                                text_weight=2.0)
+  # One visible image per identity and camera: the single-shot gallery takes all of them, so no
+  # caption is left to query with (was: a bare "empty distance matrix" from the metrics).
+  with pytest.raises(DatasetError, match="text retrieval has no query.*eval.text_retrieval=False"):
+    tr.evaluate_text_retrieval(joint, joint, records, {"cam1/0001/0001.jpg": "x"}, trials=1)
 
 
 def _text_to_infrared_oracle(workdir, root, trial):

@@ -46,7 +46,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from data_pipelines import sysu_mm01
-from data_pipelines.records import VISIBLE, ImageRecord
+from data_pipelines.records import VISIBLE, DatasetError, ImageRecord
 from eees_jax import embedding
 from eees_jax.evaluation import metrics, protocols
 
@@ -232,6 +232,12 @@ def evaluate_text_retrieval(joint_extract: JointExtract, embed_text: EmbedText,
 
   for t in trial_ids:
     held = held_out_visible(records, galleries[("all", t)])
+    if not held:
+      raise DatasetError(
+          "text retrieval has no query: its queries are captions of visible test images outside "
+          "the single-shot gallery, and every visible test image is in it (one image per identity "
+          "and camera, e.g. a synthetic set generated with images_per_camera=1); use a test set "
+          "with more visible images per identity, or set --config.eval.text_retrieval=False")
     add("text_ir", "all", "text", "infrared", t,
         _score(text_of(held), [r.pid for r in held], [TEXT_CAMERA] * len(held), ir_queries,
                bank.take(ir_queries), max_rank, chunk_size))
