@@ -3,7 +3,7 @@
 Any config value can be overridden, e.g. `--config.train.epochs=5 --config.loss.cmsp.enabled=False`.
 
 Exit codes: 0 done (trained and evaluated); 1 an error the message explains (bad config value,
-data set, checkpoint or workdir; diverged training); 2 a command line that does not parse;
+data set, checkpoint, synthetic CLIP or workdir; diverged training); 2 a command line that does not parse;
 75 (train.PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving: run the same command again to
 resume (requeue the job). Known errors print one message and no traceback unless --verbose.
 """
@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines.records import DatasetError
-from eees_jax import checkpoints, config_validation, train
+from eees_jax import checkpoints, config_validation, pretrain_clip, train
 from eees_jax.weights.errors import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -24,7 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors whose message says what is wrong and what to do: one line, no traceback.
 KNOWN_ERRORS = (config_validation.ConfigError, DatasetError, CheckpointError,
-                checkpoints.WorkdirError, FloatingPointError)
+                checkpoints.WorkdirError, pretrain_clip.PretrainError, FloatingPointError)
 USAGE_EXIT_CODE = 2
 
 

@@ -208,6 +208,9 @@ def test_known_errors_end_with_one_message_and_no_traceback(setting, uninterrupt
       "missing CLIP file": (w, dict(base, **{"model.init.checkpoint": "weights/none.pt"}), None, 1,
                             "weights/none.pt"),
       "corrupt workdir": (corrupt, base, None, 1, "no checkpoint in"),
+      "foreign synthetic CLIP folder": (w, dict(base, **{"pretrain.enabled": True,
+                                                         "model.init.checkpoint": str(empty)}),
+                                        None, 1, "was not written by eees_jax.pretrain_clip"),
       "missing config file": (w, {}, "configs/nope.py", 2, "--config=configs/nope.py does not load"),
   }
   procs = {}
