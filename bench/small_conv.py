@@ -73,7 +73,7 @@ def main() -> None:
     eigen = time_grad(_lax_conv, x, k, "eigen", args.calls)
     ynn = time_grad(_lax_conv, x, k, "ynnpack", args.calls)
     patch = time_grad(_patch, x, k, "eigen", args.calls)
-    picks = "patch_matmul" if h * w < 9 else "lax"
+    picks = "patch_matmul" if layers.takes_patch_matmul((h, w), (3, 3)) else "lax"
     rows.append(f"| {h}x{w} | {eigen:.2f} | {ynn:.2f} | {patch:.2f} | {picks} |")
     print(rows[-1], flush=True)
   cmd = (f"python -m bench.small_conv --batch={args.batch} --channels={args.channels} "

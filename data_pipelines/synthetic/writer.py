@@ -102,12 +102,14 @@ def _publish(staging: str, out: str) -> None:
 def settings_of(num_ids: int, images_per_camera: int, height: int, width: int, seed: int,
                 val_fraction: float, num_test: int | None, purpose: str,
                 noise: captions.CaptionNoise, scene: Scene, visible_only: bool = False) -> dict:
-  """The settings recorded in synthetic.json (and compared by data_pipelines.datasets);
-  visible_only only when on, so sets written before it existed keep their settings."""
-  return {"num_ids": num_ids, "images_per_camera": images_per_camera, "height": height,
-          "width": width, "seed": seed, "val_fraction": val_fraction, "num_test": num_test,
-          "purpose": purpose, **dataclasses.asdict(noise), **dataclasses.asdict(scene),
-          **({"visible_only": True} if visible_only else {})}  # SETTINGS_OFF_WHEN_ABSENT
+  """The settings recorded in synthetic.json (and compared by data_pipelines.datasets); those of
+  SETTINGS_OFF_WHEN_ABSENT only when on, so sets written before they existed keep their settings."""
+  settings = {"num_ids": num_ids, "images_per_camera": images_per_camera, "height": height,
+              "width": width, "seed": seed, "val_fraction": val_fraction, "num_test": num_test,
+              "purpose": purpose, **dataclasses.asdict(noise), **dataclasses.asdict(scene),
+              "visible_only": visible_only}
+  return {k: v for k, v in settings.items()
+          if k not in SETTINGS_OFF_WHEN_ABSENT or v != SETTINGS_OFF_WHEN_ABSENT[k]}
 
 
 def generate(out: str, num_ids: int = 120, images_per_camera: int = 5, height: int = 128,

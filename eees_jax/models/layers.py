@@ -130,10 +130,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     if strides != (1, 1):
       x = x[:, ::strides[0], ::strides[1]]
     return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-  if x.shape[1] * x.shape[2] < kernel.shape[0] * kernel.shape[1]:
+  if takes_patch_matmul(x.shape[1:3], kernel.shape[:2]):
     return patch_matmul(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def takes_patch_matmul(map_hw: tuple[int, int], kernel_hw: tuple[int, int]) -> bool:
+  """Whether conv2d computes a non-1x1 kernel with `patch_matmul`: the map has fewer positions
+  than the kernel, the case XLA swaps the convolution's operands for."""
+  return map_hw[0] * map_hw[1] < kernel_hw[0] * kernel_hw[1]
 
 
 def patch_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
