@@ -141,7 +141,10 @@ def test_remat_same_gradients():
 
   plain_g, plain_stats = grads(())
   remat_g, remat_stats = grads(clip_resnet.REMAT_STAGES)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), plain_g, remat_g)
+  # To float rounding: the recomputed forward may be fused differently (measured: at most 1.1e-6
+  # of a leaf's largest gradient).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-6, atol=1e-5 * np.abs(a).max()), plain_g, remat_g)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), plain_stats, remat_stats)
   with pytest.raises(ValueError, match="remat"):
     clip_resnet.ModifiedResNet(**size, remat=("layer5",)).init(jax.random.key(0), x, modality)

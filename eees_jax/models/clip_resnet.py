@@ -128,7 +128,7 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, 4*planes]."""
     conv = functools.partial(L.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    bn = functools.partial(nn.BatchNorm, use_running_average=not self.train,
+    bn = functools.partial(L.MaskedBatchNorm, use_running_average=not self.train,
                            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                            param_dtype=self.param_dtype)
     out = nn.relu(bn(name="bn1")(conv(self.planes, (1, 1), name="conv1")(x)))
