@@ -260,5 +260,8 @@ def test_map_attribute_term_gradient_reaches_the_tower(tmp_path):
                        without.params["vision"][name])
     want = jax.tree.map(lambda g: -3.0 * g, grad[name])
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-5)
+      # A difference of two updates: float rounding relative to the leaf's scale (gradients up
+      # to ~30 here, differences up to 3e-5 where the two programs fuse differently).
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3,
+                                 atol=1e-5 * (1 + np.abs(np.asarray(w)).max()))
     assert max(float(jnp.abs(w).max()) for w in jax.tree_util.tree_leaves(want)) > 1e-4

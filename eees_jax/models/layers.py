@@ -222,6 +222,8 @@ def _rows(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _batch_norm_forward(x, weights, scale, bias, epsilon):
+  chex.assert_rank(x, 4)
+  chex.assert_shape([weights, scale, bias], [(x.shape[0],), (x.shape[-1],), (x.shape[-1],)])
   flat, per_row = _rows(x, weights)
   count = jnp.sum(per_row)
   denom = jnp.maximum(count, 1.0)
@@ -275,11 +277,12 @@ class MaskedBatchNorm(nn.Module):
   normalises with the statistics of its own modality (as separate visible / infrared modules do in
   PyTorch VI-ReID code), although the stems run on the whole batch. Without a mask it is
   flax.linen.BatchNorm's training function (two-pass variance) with the sums of both passes as
-  matrix-vector products (`batch_norm_train`): 3-4x faster forward + backward on XLA:CPU. A batch with no sample of the modality leaves the running statistics unchanged
-  and normalises with mean 0 / variance 0 (finite, and discarded by the caller), so gradients stay
-  NaN-free. Variables are named like flax.linen.BatchNorm's (params scale/bias, batch_stats
-  mean/var); momentum 0.9 and epsilon 1e-5 are torch's BatchNorm2d defaults (torch momentum 0.1).
-  The variance is the biased one, as in flax.linen.BatchNorm.
+  matrix-vector products (`batch_norm_train`): 3-4x faster forward + backward on XLA:CPU. A batch
+  with no sample of the modality leaves the running statistics unchanged and normalises with mean
+  0 / variance 0 (finite, and discarded by the caller), so gradients stay NaN-free. Variables are
+  named like flax.linen.BatchNorm's (params scale/bias, batch_stats mean/var); momentum 0.9 and
+  epsilon 1e-5 are torch's BatchNorm2d defaults (torch momentum 0.1). The variance is the biased
+  one, as in flax.linen.BatchNorm.
 
   With `num` set, every variable holds `num` independent copies stacked on a leading axis ([num, C],
   initialised identically) and each call names the copy it uses and updates (`index`).
