@@ -225,7 +225,8 @@ def _batch_norm_forward(x, weights, scale, bias, epsilon):
   chex.assert_rank(x, 4)
   chex.assert_shape([weights, scale, bias], [(x.shape[0],), (x.shape[-1],), (x.shape[-1],)])
   flat, per_row = _rows(x, weights)
-  count = jnp.sum(per_row)
+  # An exact integer in float32 either way; summing the [B] weights, not the [B*H*W] rows.
+  count = jnp.sum(weights.astype(jnp.float32)) * (x.shape[1] * x.shape[2])
   denom = jnp.maximum(count, 1.0)
   mean = _weighted_sum(flat, per_row) / denom
   var = _weighted_sum(jnp.square(flat - mean), per_row) / denom
