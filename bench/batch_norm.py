@@ -15,8 +15,6 @@ blocks used before), the same formula as plain jnp reductions, and `layers.Maske
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._report import machine_description, write_section
+from bench._timing import median_ms
 from eees_jax import xla_cpu
 from eees_jax.models import layers
 
@@ -36,18 +35,17 @@ def _reductions(x, scale, bias):
   return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
 
 
-def _flax(x, scale, bias):
-  bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
-  variables = {"params": {"scale": scale, "bias": bias},
-               "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}}
-  return bn.apply(variables, x, mutable=["batch_stats"])[0]
+def _train_mode(bn):
+  """f(x, scale, bias): the module's training-mode output, fresh running statistics."""
+  def f(x, scale, bias):
+    variables = {"params": {"scale": scale, "bias": bias},
+                 "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}}
+    return bn.apply(variables, x, mutable=["batch_stats"])[0]
+  return f
 
 
-def _ours(x, scale, bias):
-  bn = layers.MaskedBatchNorm(use_running_average=False)
-  variables = {"params": {"scale": scale, "bias": bias},
-               "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}}
-  return bn.apply(variables, x, mutable=["batch_stats"])[0]
+_flax = _train_mode(nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5))
+_ours = _train_mode(layers.MaskedBatchNorm(use_running_average=False))
 
 
 def time_grad(f, x, scale, bias, calls: int) -> float:
@@ -56,12 +54,7 @@ def time_grad(f, x, scale, bias, calls: int) -> float:
   g = jax.jit(jax.grad(lambda x, s, b: jnp.sum(f(x, s, b) * cot), argnums=(0, 1, 2)),
               compiler_options=xla_cpu.compiler_options())
   jax.block_until_ready(g(x, scale, bias))
-  times = []
-  for _ in range(calls):
-    t = time.perf_counter()
-    jax.block_until_ready(g(x, scale, bias))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
+  return median_ms(lambda: g(x, scale, bias), calls)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import tracemalloc
 import numpy as np
 
 from bench._report import machine_description, write_section
+from bench._timing import call_seconds
 from eees_jax.evaluation import metrics
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,11 +118,7 @@ def regdb_problem(num_ids: int = 206, per_id: int = 10, dim: int = 256):
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:
-  times, out = [], None
-  for _ in range(repeats):
-    t = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t)
+  times, out = call_seconds(fn, repeats)
   return statistics.median(times), out
 
 

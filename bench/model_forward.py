@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._report import machine_description, write_section
+from bench._timing import call_seconds
 from eees_jax.models.clip_resnet import ModifiedResNet
 from eees_jax.models.clip_text import TextTransformer
 from eees_jax.models.clip_vit import VisionTransformer
@@ -49,12 +50,7 @@ def time_forward(module, variables, x, modality, runs: int) -> tuple[float, floa
   t = time.perf_counter()
   jax.block_until_ready(fn(variables, x, modality))
   compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(variables, x, modality))
-    times.append(time.perf_counter() - t)
-  return compile_s, statistics.median(times)
+  return compile_s, statistics.median(call_seconds(lambda: fn(variables, x, modality), runs)[0])
 
 
 def main(argv=None) -> int:

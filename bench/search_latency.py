@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._report import machine_description, write_section
+from bench._timing import call_seconds
 from eees_jax import exact_search
 
 K = 20
@@ -55,15 +56,6 @@ def _random_unit(key, n: int, d: int, block: int = 65536) -> jax.Array:
   return out
 
 
-def _time(fn, repeats: int) -> list[float]:
-  out = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t)
-  return out
-
-
 def measure(n: int, d: int, repeats: int, batch: int = 64) -> dict:
   key = jax.random.PRNGKey(n + d)
   feats = _random_unit(key, n, d)
@@ -84,8 +76,8 @@ def measure(n: int, d: int, repeats: int, batch: int = 64) -> dict:
   for _ in range(2):  # compile (first call) and warm up, for both query shapes
     gallery.search(one, K)
     gallery.search(many, K)
-  single = _time(lambda: gallery.search(one, K), repeats)
-  batched = _time(lambda: gallery.search(many, K), max(3, repeats // 4))
+  single = call_seconds(lambda: gallery.search(one, K), repeats)[0]
+  batched = call_seconds(lambda: gallery.search(many, K), max(3, repeats // 4))[0]
   del gallery
   return {"n": n, "d": d, "build_s": build, "median_ms": 1e3 * statistics.median(single),
           "p90_ms": 1e3 * float(np.percentile(single, 90)),

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bench._report import machine_description, write_section
+from bench._timing import median_ms
 from eees_jax import xla_cpu
 from eees_jax.models import layers
 
@@ -50,12 +49,7 @@ def time_grad(f, x, k, convolutions: str, calls: int) -> float:
       os.environ.pop(xla_cpu.ENV_CONVOLUTIONS)
     else:
       os.environ[xla_cpu.ENV_CONVOLUTIONS] = previous
-  times = []
-  for _ in range(calls):
-    t = time.perf_counter()
-    jax.block_until_ready(g(x, k))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
+  return median_ms(lambda: g(x, k), calls)
 
 
 def main() -> None:
