@@ -40,8 +40,8 @@ def get_config():
 
   # The synthetic CLIP: built from this section on first use into model.init.checkpoint.
   # CLIP's contrastive loss alone does not give, in a few CPU minutes, a tower that reads people
-  # (README, "How the synthetic config was tuned"); the attribute term, no weight decay and no
-  # crop do. attribute_weight=0, weight_decay=0.1, aug.pad=4 (steps=300,
+  # (docs/synthetic_benchmark.md, "How the synthetic config was tuned"); the attribute term, no
+  # weight decay and no crop do. attribute_weight=0, weight_decay=0.1, aug.pad=4 (steps=300,
   # num_ids=1500) is plain CLIP pretraining.
   c.pretrain = ml_collections.ConfigDict(dict(
       enabled=True,
@@ -72,17 +72,18 @@ def get_config():
       # infrared, so the EEES stage has to build the match across modalities itself, the job it
       # has on real data. False (with data.generate.visible_only=False, another data.root and
       # model.init.checkpoint): the pretraining set's infrared images too; the tower then matches
-      # people across modalities before EEES starts and the stage mostly erodes that (README,
-      # "Where the stage loses the tower"; test mAP: full EEES 34.39, baseline 36.66, 3 seeds).
+      # people across modalities before EEES starts and the stage mostly erodes that
+      # (docs/synthetic_benchmark.md, "Where the stage loses the tower"; test mAP: full EEES
+      # 34.39, baseline 36.66, 3 seeds).
       visible_only=True,
       aug=dict(pad=0, flip=0.5),
   ))
 
-  # Tuned on the holdout split (README, "A pretrained f"): from the CLIP that saw infrared, full
-  # EEES's val mAP was 24.26 / 25.16 / 22.62 / 22.95 at Adam 3e-4 / 1e-3 / 3e-3 / 1e-2; from the
-  # visible-only one 21.70 at 1e-3 and 22.34 at 1e-2 (one seed, no difference), so 1e-3 stays, the
-  # image-only baseline's better rate too. (Without the map term, whose f starts at chance and must
-  # be learnt, 1e-2 was best: 23.18.)
+  # Tuned on the holdout split (docs/synthetic_benchmark.md, "A pretrained f"): from the CLIP that
+  # saw infrared, full EEES's val mAP was 24.26 / 25.16 / 22.62 / 22.95 at Adam 3e-4 / 1e-3 / 3e-3 /
+  # 1e-2; from the visible-only one 21.70 at 1e-3 and 22.34 at 1e-2 (one seed, no difference), so
+  # 1e-3 stays, the image-only baseline's better rate too. (Without the map term, whose f starts at
+  # chance and must be learnt, 1e-2 was best: 23.18.)
   c.optim.lr = 1e-3
   c.optim.warmup_epochs = 1
   c.optim.milestones = (5,)

@@ -8,7 +8,7 @@ Linear probe, then fine-tune (Kumar et al. 2022, "Fine-tuning can distort pretra
 with `optim.probe_epochs` > 0 the parameters matching `optim.probe_frozen` get no update for that
 many epochs, so the fresh heads (BNNecks, classifiers) are fitted to the pretrained features before
 their gradients reach the tower. Off by default: on the synthetic holdout it did not stop the first
-epoch's loss (README, "Where the stage loses the tower").
+epoch's loss (docs/synthetic_benchmark.md, "Where the stage loses the tower").
 """
 from __future__ import annotations
 

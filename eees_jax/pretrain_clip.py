@@ -9,14 +9,16 @@ whose identities is in the benchmark), and writes them in the converted-CLIP for
 `eees_jax.convert_clip` stacks OpenAI's.
 
 What web-scale pretraining gives real CLIP, reading clothes and body shape in any lighting, a few
-CPU minutes of contrastive learning do not (README, "How the synthetic config was tuned"):
-`pretrain.attribute_weight` adds a cross-entropy per shape attribute of the pretraining identities
-(`attribute_loss`, from a linear head that is not written out), and `pretrain.map_attribute_weight`
-the same on the last feature map GeM-pooled as EEES's f pools it (real CLIP RN50's pooled map is
-informative; without the term this small CLIP's is at chance). `pretrain.modality_stems` trains
-one stem per modality from the start instead of one shared stem (off by default: on real data
-EEES starts both stems from CLIP's one). `pretrain.visible_only` (on in configs/synthetic.py)
-trains on the pretraining set's visible images alone, as real CLIP never saw an infrared image.
+CPU minutes of contrastive learning do not (docs/synthetic_benchmark.md, "How the synthetic config
+was tuned"): `pretrain.attribute_weight` adds a cross-entropy per shape attribute of the pretraining
+identities (`attribute_loss`, from a linear head that is not written out), and
+`pretrain.map_attribute_weight` the same on the last feature map GeM-pooled as EEES's f pools it
+(real CLIP RN50's pooled map is informative; without the term this small CLIP's is at chance).
+`pretrain.modality_stems` trains one stem per modality from the start instead of one shared stem
+(off by default: on real data EEES starts both stems from CLIP's one). `pretrain.visible_only` (on
+in configs/synthetic.py) trains on the pretraining set's visible images alone, as real CLIP never
+saw an infrared image.
+
 
   python -m eees_jax.pretrain_clip --config=configs/synthetic.py [--config.pretrain.steps=600]
 
