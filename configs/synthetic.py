@@ -87,6 +87,12 @@ def get_config():
   c.optim.lr = 1e-3
   c.optim.warmup_epochs = 1
   c.optim.milestones = (5,)
+  # SPEC 3.7's loss weights, tuned on the holdout split (README, "Loss weights"): at lambda_cmsp 1
+  # the CMSP term is under 1% of the loss and moves nothing; val mAP over seeds 0-2 was 21.80
+  # (21.36-22.48) at 1 and 23.99 (23.71-24.22) at 30 (seed 0: 22.78 at 10, 20.38 at 100, 10.82 at
+  # 300). ESE and CVSC at 2 or 4 instead of 1: 22.31, 22.46 (seed 0, no change). The real-data
+  # configs keep SPEC's 1.0: this tunes the synthetic benchmark, not SYSU-MM01.
+  c.loss.cmsp.weight = 30.0
   c.train.epochs = 6   # with 500 pretraining steps, what the 8-minute budget of `make demo` allows
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 200
