@@ -19,7 +19,6 @@ identities (`attribute_loss`, from a linear head that is not written out), and
 in configs/synthetic.py) trains on the pretraining set's visible images alone, as real CLIP never
 saw an infrared image.
 
-
   python -m eees_jax.pretrain_clip --config=configs/synthetic.py [--config.pretrain.steps=600]
 
 writes `config.model.init.checkpoint` from `config.pretrain`; `make demo` does the same on first use
