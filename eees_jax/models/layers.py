@@ -115,23 +115,18 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
            padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
   """NHWC convolution, x [B, H, W, Cin] * kernel [kh, kw, Cin, Cout] -> [B, H', W', Cout].
 
-  A 1x1 kernel is computed as a matmul over the channel axis (stride by slicing): XLA:CPU runs dots
-  through its fast matmul path but 1x1 convolutions through its convolution path, 2-4x slower
-  forward and slower still backward, where the kernel gradient becomes a convolution over the whole
-  feature map behind large transposes. A feature map with fewer positions than the kernel (the
-  synthetic model's 4x2 last stage under a 3x3 kernel) goes through `patch_matmul`: XLA swaps the
-  operands of such a convolution and runs the result ~15x slower than the same products as one
-  matmul, forward and backward (BENCHMARKS.md, "Small feature maps"). Other kernels use
-  lax.conv_general_dilated (on CPU faster than im2col or per-tap matmul formulations, measured in
-  bench/profile_train_step.py).
+  Two cases go through `patch_matmul`, one matmul over the channel axis:
+  - a 1x1 kernel (stride by slicing): XLA:CPU runs dots through its fast matmul path but 1x1
+    convolutions through its convolution path, 2-4x slower forward and slower still backward, where
+    the kernel gradient becomes a convolution over the whole feature map behind large transposes;
+  - a feature map with fewer positions than the kernel (the synthetic model's 4x2 last stage under
+    a 3x3 kernel): XLA swaps the operands of such a convolution and runs the result ~15x slower
+    than the same products as one matmul, forward and backward (BENCHMARKS.md, "Small feature
+    maps").
+  Other kernels use lax.conv_general_dilated (on CPU faster than im2col or per-tap matmul
+  formulations, measured in bench/profile_train_step.py).
   """
-  if kernel.shape[:2] == (1, 1):
-    if any(p != (0, 0) for p in padding):
-      x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    if strides != (1, 1):
-      x = x[:, ::strides[0], ::strides[1]]
-    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-  if takes_patch_matmul(x.shape[1:3], kernel.shape[:2]):
+  if kernel.shape[:2] == (1, 1) or takes_patch_matmul(x.shape[1:3], kernel.shape[:2]):
     return patch_matmul(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
