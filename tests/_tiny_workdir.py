@@ -7,7 +7,7 @@ Built once per test session (conftest.py: `tiny_workdir`); ~20 s on two cores.
 """
 import os
 
-from configs import synthetic as synthetic_config
+from configs import common, synthetic as synthetic_config
 from data_pipelines import synthetic
 
 SET = dict(num_ids=16, images_per_camera=2, height=32, width=16, seed=3, val_fraction=0.2,
@@ -19,6 +19,7 @@ def config(root: str):
   c.dataset.root = root
   c.dataset.generate.update(SET)
   c.pretrain.enabled = False
+  c.loss = common.loss_config()   # SPEC's weights, as tests/test_train.py's tiny_config
   c.model.init.checkpoint = ""
   c.input.update(height=32, width=16, P=4, K=2, eval_batch_size=16, cache_decoded=False)
   c.input.aug.pad = 2
