@@ -65,6 +65,8 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (one accelerator
 
 METRICS = ("rank1", "mAP")
 RECORD = "ablation_run.json"
+# The loss sections with an `enabled` switch (eees_jax.losses.eees_loss).
+LOSS_TERMS = ("id", "wrt", "ese", "cvsc", "cmsp", "dc")
 
 
 class StaleRunError(RuntimeError):
@@ -197,8 +199,20 @@ def _config_json(config) -> dict:
 
 def config_differences(recorded: dict, wanted: dict) -> list[str]:
   """'key: recorded -> wanted' for every differing key that can change results
-  (config_validation.RESULT_NEUTRAL may differ)."""
-  return config_validation.differences(recorded, wanted, config_validation.RESULT_NEUTRAL)
+  (config_validation.RESULT_NEUTRAL may differ, and so may the settings of a loss term that is off
+  in both: eees_jax.losses.eees_loss reads none of them, so tuning a term's temperature does not
+  make the rows without that term stale)."""
+  return config_validation.differences(
+      recorded, wanted, config_validation.RESULT_NEUTRAL + _terms_off_in_both(recorded, wanted))
+
+
+def _terms_off_in_both(recorded: dict, wanted: dict) -> tuple[str, ...]:
+  """'loss.<term>.' for each loss term switched off in both configs."""
+  def off(config: dict, term: str) -> bool:
+    section = config.get("loss", {}).get(term)
+    return isinstance(section, dict) and section.get("enabled") is False
+  return tuple(f"loss.{term}." for term in LOSS_TERMS
+               if off(recorded, term) and off(wanted, term))
 
 
 def check_reusable(run: Run) -> None:

@@ -213,6 +213,27 @@ def test_a_changed_config_refuses_a_finished_run_and_names_the_key(fake):
   assert len(runs.commands) == 1
 
 
+def test_settings_of_a_term_that_is_off_do_not_make_its_row_stale(fake):
+  """The baseline reads no ESE setting, so a new ESE temperature reuses its runs; a row with ESE on,
+  or a change of the switch itself, is refused."""
+  runs = fake("synthetic")
+  ablation.run_table("configs/synthetic.py", runs.root, ["baseline", "ese"], [0],
+                     ["loss.ese.tau=0.03"])
+  assert len(runs.commands) == 2
+  ablation.run_table("configs/synthetic.py", runs.root, ["baseline"], [0],
+                     ["loss.ese.tau=0.07", "loss.cvsc.kd_temperature=2.5", "loss.cmsp.weight=3.5"])
+  assert len(runs.commands) == 2
+  with pytest.raises(ablation.StaleRunError, match="loss.ese.tau: 0.03 there, 0.07 now"):
+    ablation.run_table("configs/synthetic.py", runs.root, ["ese"], [0], ["loss.ese.tau=0.07"])
+  with pytest.raises(ablation.StaleRunError, match="loss.wrt.weight: 0.15 there, 0.35 now"):
+    ablation.run_table("configs/synthetic.py", runs.root, ["baseline"], [0],
+                       ["loss.ese.tau=0.03", "loss.wrt.weight=0.35"])
+  with pytest.raises(ablation.StaleRunError, match="loss.ese.enabled: False there, True now"):
+    ablation.run_table("configs/synthetic.py", runs.root, ["baseline"], [0],
+                       ["loss.ese.tau=0.03", "loss.ese.enabled=True"])
+  assert len(runs.commands) == 2
+
+
 def test_a_run_folder_without_a_record_is_refused(fake):
   runs = fake("synthetic")
   os.makedirs(os.path.join(runs.root, "full", "seed0", "checkpoints"))
