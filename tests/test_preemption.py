@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import common, synthetic as synthetic_config
 from data_pipelines import synthetic
 from eees_jax import train
 from test_train import REPO, TINY_SET
@@ -27,9 +28,18 @@ TOTAL_STEPS = 8
 SEED = 16  # picks the SIGTERM step and the delay before the random kill
 
 
+def _spec_loss_overrides() -> dict:
+  """The keys where configs/synthetic.py's loss section departs from SPEC's (tiny_config takes
+  SPEC's), as overrides."""
+  tuned, spec = synthetic_config.get_config().loss, common.loss_config()
+  return {f"loss.{term}.{key}": value for term in spec for key, value in spec[term].items()
+          if tuned[term][key] != value}
+
+
 def _overrides(root: str, **extra) -> dict:
   """The tiny config of tests/test_train.py as command-line overrides; a checkpoint every step."""
   return {
+      **_spec_loss_overrides(),
       "dataset.root": root, **{f"dataset.generate.{k}": v for k, v in TINY_SET.items()},
       "pretrain.enabled": False, "model.init.checkpoint": "", "text.trainable": True,
       "input.height": 32, "input.width": 16, "input.P": 4, "input.K": 2,
