@@ -87,14 +87,15 @@ def get_config():
   c.optim.lr = 1e-3
   c.optim.warmup_epochs = 1
   c.optim.milestones = (5,)
-  # SPEC 3.7's loss weights and ESE's temperature, tuned on the holdout split (README, "Loss
-  # weights"; val all-search mAP, seeds 0-2 unless one is named). At SPEC's defaults (lambda_cmsp 1,
-  # tau_e 0.02) 21.80 (21.36-22.48): the CMSP term is under 1% of the loss and moves nothing.
+  # SPEC 3.7's loss weights and the ESE / CVSC temperature, tuned on the holdout split (README,
+  # "Loss weights"; val all-search mAP, seeds 0-2 unless one is named). At SPEC's defaults
+  # (lambda_cmsp 1, tau_e 0.02) 21.80 (21.36-22.48): the CMSP term is under 1% of the loss and
+  # moves nothing.
   # lambda_cmsp 30 at tau 0.02: 23.99 (23.71-24.22). Then ESE's and CVSC's temperature at
   # lambda_cmsp 30: 26.46 (25.68-26.97) at 0.05, 26.73 (26.05-27.29) at 0.1, 25.37 at 0.2 (seed 0).
   # Then lambda_cmsp again at tau 0.1: 27.76 (27.04-28.36) at 15 (indoor 38.44 against 37.08 at 30,
   # disjoint); seed 0: 27.93 at 8, 23.87 at 60. lambda_tri, lambda_id, the ESE / CVSC weights,
-  # label smoothing, CVSC's kd temperature and Adam 3e-3 moved nothing beyond one seed's noise.
+  # label smoothing, CVSC's kd temperature and Adam 3e-3 gained nothing beyond one seed's noise.
   # The real-data configs keep SPEC's values: this tunes the synthetic benchmark, not SYSU-MM01.
   c.loss.ese.tau = 0.1
   c.loss.cvsc.tau = 0.1

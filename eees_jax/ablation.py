@@ -65,8 +65,6 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (one accelerator
 
 METRICS = ("rank1", "mAP")
 RECORD = "ablation_run.json"
-# The loss sections with an `enabled` switch (eees_jax.losses.eees_loss).
-LOSS_TERMS = ("id", "wrt", "ese", "cvsc", "cmsp", "dc")
 
 
 class StaleRunError(RuntimeError):
@@ -207,11 +205,11 @@ def config_differences(recorded: dict, wanted: dict) -> list[str]:
 
 
 def _terms_off_in_both(recorded: dict, wanted: dict) -> tuple[str, ...]:
-  """'loss.<term>.' for each loss term switched off in both configs."""
+  """'loss.<term>.' for each loss section with an `enabled` switch that is off in both configs."""
   def off(config: dict, term: str) -> bool:
     section = config.get("loss", {}).get(term)
     return isinstance(section, dict) and section.get("enabled") is False
-  return tuple(f"loss.{term}." for term in LOSS_TERMS
+  return tuple(f"loss.{term}." for term in recorded.get("loss", {})
                if off(recorded, term) and off(wanted, term))
 
 

@@ -20,9 +20,9 @@ Broken on purpose (by hand, not committed), the run fails both tests:
 - a wrong label join (labels permuted within every batch): mAP 13.08, total loss 17.49 -> 14.34;
 - no gradient at all (zeroed before the optimiser): mAP 15.35, identity loss 8.05 -> 8.05.
 The run keeps SPEC's loss weights (lambda_cmsp 1; tiny_config starts from configs.common's loss
-section). configs/synthetic.py's lambda_cmsp of 30 was tuned for EEES from a pretrained synthetic
-CLIP; on this from-scratch run with a random text tower it gives 20.83 on the AMD EPYC, under the
-bar (README, "Loss weights").
+section). configs/synthetic.py's loss section is tuned for EEES from a pretrained synthetic CLIP;
+its lambda_cmsp of 30 of 76173fe gave this from-scratch run with a random text tower 20.83 on the
+AMD EPYC, under the bar (README, "Loss weights").
 Cost: about 1.3 times that of the session's tiny_workdir fixture (tests/_tiny_workdir.py); most of
 it is compiling the init and the train step once.
 """
