@@ -6,7 +6,7 @@ import pytest
 from bench import attribute_probe
 from data_pipelines import synthetic
 from data_pipelines.synthetic.identities import SHARED_ATTRIBUTES
-from test_train import TINY_SET
+from _tiny_config import TINY_SET
 
 
 def test_attribute_table_indexes_sorted_values(tmp_path):

@@ -13,7 +13,7 @@ from data_pipelines.images import read_image
 from data_pipelines.records import INFRARED, VISIBLE, DatasetError, ImageRecord
 from eees_jax import checkpoints, embedding, inference, train
 
-from test_train import TINY_SET, tiny_config
+from _tiny_config import TINY_SET, tiny_config
 
 # Float rounding: evaluation ran on 1 device, inference on 8 (different XLA partitioning); a wrong
 # model or step is off by more than 1e-3 (checked below).

@@ -34,7 +34,7 @@ import pytest
 
 from data_pipelines import registry, synthetic
 from eees_jax import train
-from test_train import tiny_config
+from _tiny_config import tiny_config
 
 SET = dict(num_ids=72, num_test=16, images_per_camera=2, height=32, width=16, seed=3,
            val_fraction=0.2, clutter=0.0, far_prob=0.0, occluder_prob=0.0)

@@ -20,7 +20,8 @@ import numpy as np
 from data_pipelines import synthetic
 from eees_jax import train, xla_cpu
 from test_preemption import _command, _overrides, committed, saved_params
-from test_train import REPO, TINY_SET, tiny_config
+from _tiny_config import TINY_SET, tiny_config
+from test_train import REPO
 
 TOTAL = 6
 FSDP = {"mesh.fsdp": True, "mesh.fsdp_min_size": 1024}

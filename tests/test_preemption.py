@@ -19,44 +19,34 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import common, synthetic as synthetic_config
 from data_pipelines import synthetic
-from eees_jax import train
-from test_train import REPO, TINY_SET
+from eees_jax import ablation, train
+from _tiny_config import TINY_SET, as_overrides, tiny_config
+from test_train import REPO
 
 TOTAL_STEPS = 8
 SEED = 16  # picks the SIGTERM step and the delay before the random kill
 
 
-def _spec_loss_overrides() -> dict:
-  """The keys where configs/synthetic.py's loss section departs from SPEC's (tiny_config takes
-  SPEC's), as overrides."""
-  tuned, spec = synthetic_config.get_config().loss, common.loss_config()
-  return {f"loss.{term}.{key}": value for term in spec for key, value in spec[term].items()
-          if tuned[term][key] != value}
-
-
 def _overrides(root: str, **extra) -> dict:
-  """The tiny config of tests/test_train.py as command-line overrides; a checkpoint every step."""
-  return {
-      **_spec_loss_overrides(),
-      "dataset.root": root, **{f"dataset.generate.{k}": v for k, v in TINY_SET.items()},
-      "pretrain.enabled": False, "model.init.checkpoint": "", "text.trainable": True,
-      "input.height": 32, "input.width": 16, "input.P": 4, "input.K": 2,
-      "input.eval_batch_size": 16, "input.aug.pad": 2, "model.vision.width": 8,
-      "model.vision.output_dim": 32, "model.vision.heads": 2, "model.vision.layers": "(1,1,1,1)",
-      "model.text.width": 32, "model.text.heads": 2, "model.text.layers": 1,
-      "model.text.embed_dim": 32, "model.text.context_length": 40, "text.embed_batch_size": 32,
-      "optim.warmup_epochs": 1, "optim.milestones": "(3,)", "train.epochs": 2,
-      "train.max_steps": TOTAL_STEPS, "train.log_every_steps": 1,
-      "train.checkpoint_every_steps": 1, "train.eval_every_epochs": 0, "eval.modes": "('all',)",
-      "eval.trials": 2, "eval.ranked_list_queries": 2, **extra}
+  """tiny_config as command-line overrides, TOTAL_STEPS long, a checkpoint every step."""
+  config = tiny_config(root, max_steps=TOTAL_STEPS, checkpoint_every_steps=1)
+  return {**as_overrides(config), **extra}
 
 
 def _command(workdir: str, overrides: dict, *flags: str,
              config: str = "configs/synthetic.py") -> list[str]:
   return ([sys.executable, "-m", "eees_jax.main", f"--config={config}", f"--workdir={workdir}",
            *flags] + [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def test_the_overrides_build_tiny_config_on_the_command_line():
+  """The command-line runs here and in tests/test_multiprocess.py train what tiny_config trains."""
+  want = tiny_config("data/tiny", max_steps=TOTAL_STEPS, checkpoint_every_steps=1)
+  args = [f"--config.{k}={v}" for k, v in _overrides("data/tiny").items()]
+  got = ablation.resolve_config(os.path.join(REPO, "configs", "synthetic.py"), args)
+  assert len(args) > 20
+  assert got.to_dict() == want.to_dict()
 
 
 @pytest.fixture(scope="module")

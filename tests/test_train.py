@@ -9,16 +9,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common, synthetic as synthetic_config
 from data_pipelines import input_pipeline, synthetic
 from data_pipelines import datasets, descriptions as descriptions_lib
 from eees_jax import checkpoints, experiment, sharding, train
+from _tiny_config import TINY_SET, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-TINY_SET = dict(num_ids=16, num_test=5, images_per_camera=2, height=32, width=16, seed=3,
-                val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -26,29 +22,6 @@ def tiny_root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("synthetic"))
   synthetic.generate(root, **TINY_SET)
   return root
-
-
-def tiny_config(root, **train_kw):
-  c = synthetic_config.get_config()
-  c.dataset.root = root
-  c.dataset.generate.update(TINY_SET)
-  c.pretrain.enabled = False          # no CLIP pretraining: the tiny towers start from scratch
-  # SPEC's loss weights: configs/synthetic.py's are tuned for EEES from its pretrained CLIP, and
-  # a from-scratch run learns less under them (tests/test_learning.py).
-  c.loss = common.loss_config()
-  c.model.init.checkpoint = ""
-  c.text.trainable = True
-  c.input.update(height=32, width=16, P=4, K=2, eval_batch_size=16)
-  c.input.aug.pad = 2
-  c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
-  c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=40)
-  c.text.embed_batch_size = 32
-  c.optim.warmup_epochs = 1
-  c.optim.milestones = (3,)
-  c.train.update(epochs=2, log_every_steps=1, checkpoint_every_steps=2, eval_every_epochs=0)
-  c.train.update(train_kw)
-  c.eval.update(modes=("all",), trials=2, ranked_list_queries=2)
-  return c
 
 
 def _first_batch(exp):

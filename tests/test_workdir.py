@@ -16,7 +16,7 @@ from etils import epath
 import fake_gcs
 from data_pipelines import registry, sampler, synthetic
 from eees_jax import checkpoints, experiment, inference, sharding, train
-from test_train import TINY_SET, tiny_config
+from _tiny_config import TINY_SET, tiny_config
 
 
 @pytest.fixture(scope="module")

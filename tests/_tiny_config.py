@@ -1,0 +1,57 @@
+"""The tests' tiny training config, in one place: as a ConfigDict for in-process runs and as the
+command-line overrides that build the same config for runs of `python -m eees_jax.main`.
+
+Both views come from one builder, so a test that compares an in-process run with a command-line
+one (tests/test_multiprocess.py) cannot drift apart when configs/synthetic.py changes.
+"""
+import ml_collections
+
+from configs import common, synthetic as synthetic_config
+
+# A synthetic set of 16 identities at 32x16: seconds to generate and to train on.
+TINY_SET = dict(num_ids=16, num_test=5, images_per_camera=2, height=32, width=16, seed=3,
+                val_fraction=0.2)
+
+
+def tiny_config(root: str, **train_kw) -> ml_collections.ConfigDict:
+  """configs/synthetic.py shrunk to TINY_SET under root; train_kw update the train section."""
+  c = synthetic_config.get_config()
+  c.dataset.root = root
+  c.dataset.generate.update(TINY_SET)
+  c.pretrain.enabled = False          # no CLIP pretraining: the tiny towers start from scratch
+  # SPEC's loss weights: configs/synthetic.py's are tuned for EEES from its pretrained CLIP, and
+  # a from-scratch run learns less under them (tests/test_learning.py).
+  c.loss = common.loss_config()
+  c.model.init.checkpoint = ""
+  c.text.trainable = True
+  c.input.update(height=32, width=16, P=4, K=2, eval_batch_size=16)
+  c.input.aug.pad = 2
+  c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
+  c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=40)
+  c.text.embed_batch_size = 32
+  c.optim.warmup_epochs = 1
+  c.optim.milestones = (3,)
+  c.train.update(epochs=2, log_every_steps=1, checkpoint_every_steps=2, eval_every_epochs=0)
+  c.train.update(train_kw)
+  c.eval.update(modes=("all",), trials=2, ranked_list_queries=2)
+  return c
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def as_overrides(config: ml_collections.ConfigDict) -> dict:
+  """The `--config.<key>=<value>` overrides that turn configs/synthetic.py into config: every leaf
+  whose value differs. Values are left as Python values; str() of each is its flag text."""
+  base, wanted = _leaves(synthetic_config.get_config()), _leaves(config)
+  if base.keys() != wanted.keys():
+    raise ValueError("the config has other keys than configs/synthetic.py, which overrides cannot "
+                     f"express: {sorted(base.keys() ^ wanted.keys())}")
+  return {k: v for k, v in wanted.items() if v != base[k]}
