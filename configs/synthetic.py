@@ -86,7 +86,7 @@ def get_config():
   # chance and must be learnt, 1e-2 was best: 23.18.)
   c.optim.lr = 1e-3
   c.optim.warmup_epochs = 1
-  c.optim.milestones = (5,)
+  c.optim.milestones = (8,)
   # SPEC 3.7's loss weights and the ESE / CVSC temperature, tuned on the holdout split (README,
   # "Loss weights"; val all-search mAP, seeds 0-2 unless one is named). At SPEC's defaults
   # (lambda_cmsp 1, tau_e 0.02) 21.80 (21.36-22.48): the CMSP term is under 1% of the loss and
@@ -100,7 +100,10 @@ def get_config():
   c.loss.ese.tau = 0.1
   c.loss.cvsc.tau = 0.1
   c.loss.cmsp.weight = 15.0
-  c.train.epochs = 6   # with 500 pretraining steps, what the 8-minute budget of `make demo` allows
+  # 10 epochs (1,040 steps), not 6: val all-search mAP 29.84 (28.32-30.90) against 27.76
+  # (27.04-28.36), seeds 0-2; the image-only baseline gains as much (seed 0: 23.38 against 20.90).
+  # About a minute more of `make demo`, which stays inside its 8-minute budget.
+  c.train.epochs = 10
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 200
   c.train.eval_every_epochs = 0   # only at the end: the demo's time budget
