@@ -129,11 +129,12 @@ class _Checker:
                       "a non-empty string" if nonempty else "a string")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """A nested dict (a config's to_dict()) as {'section.key': value}."""
   if isinstance(tree, dict):
     out = {}
     for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat(v, f"{prefix}{k}."))
     return out
   return {prefix[:-1]: tree}
 
@@ -160,7 +161,7 @@ def differences(recorded: dict, wanted: dict, neutral: Sequence[str] = RESULT_NE
   """'key: <recorded> there, <wanted> now' for every differing key of two configs (as JSON dicts)
   outside `neutral` (exact keys, or sections given as "name."); a key of ADDED_OPTIONS that the
   recorded config lacks counts as its old behaviour."""
-  a, b = _flat(recorded), _flat(wanted)
+  a, b = flat(recorded), flat(wanted)
   keys = sorted(k for k in set(a) | set(b)
                 if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in neutral)
                 and not _absent_as_before(k, a, b))

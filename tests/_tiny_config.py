@@ -7,6 +7,7 @@ one (tests/test_multiprocess.py) cannot drift apart when configs/synthetic.py ch
 import ml_collections
 
 from configs import common, synthetic as synthetic_config
+from eees_jax import config_validation
 
 # A synthetic set of 16 identities at 32x16: seconds to generate and to train on.
 TINY_SET = dict(num_ids=16, num_test=5, images_per_camera=2, height=32, width=16, seed=3,
@@ -37,20 +38,11 @@ def tiny_config(root: str, **train_kw) -> ml_collections.ConfigDict:
   return c
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_leaves(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def as_overrides(config: ml_collections.ConfigDict) -> dict:
   """The `--config.<key>=<value>` overrides that turn configs/synthetic.py into config: every leaf
   whose value differs. Values are left as Python values; str() of each is its flag text."""
-  base, wanted = _leaves(synthetic_config.get_config()), _leaves(config)
+  base = config_validation.flat(synthetic_config.get_config().to_dict())
+  wanted = config_validation.flat(config.to_dict())
   if base.keys() != wanted.keys():
     raise ValueError("the config has other keys than configs/synthetic.py, which overrides cannot "
                      f"express: {sorted(base.keys() ^ wanted.keys())}")

@@ -7,7 +7,7 @@ Built once per test session (conftest.py: `tiny_workdir`); ~20 s on two cores.
 """
 import os
 
-from _tiny_config import TINY_SET as SET, tiny_config
+from _tiny_config import TINY_SET, tiny_config
 from data_pipelines import synthetic
 
 
@@ -25,7 +25,7 @@ def train(base: str) -> dict:
   """Generates the set under base/synthetic, trains into base/run; returns root, workdir, config."""
   from eees_jax import train as train_lib
   root, workdir = os.path.join(base, "synthetic"), os.path.join(base, "run")
-  synthetic.generate(root, **SET)
+  synthetic.generate(root, **TINY_SET)
   c = config(root)
   train_lib.train_and_evaluate(c, workdir)
   return {"root": root, "workdir": workdir, "config": c}
