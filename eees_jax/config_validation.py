@@ -147,6 +147,7 @@ ADDED_OPTIONS = {
     "optim.probe_frozen": None,
     "pretrain.visible_only": False,
     "pretrain.data.generate.visible_only": False,
+    "pretrain.input_size": [],   # as JSON records (); empty: config.input's size, as before
 }
 
 

@@ -17,7 +17,8 @@ identities (`attribute_loss`, from a linear head that is not written out), and
 `pretrain.modality_stems` trains one stem per modality from the start instead of one shared stem
 (off by default: on real data EEES starts both stems from CLIP's one). `pretrain.visible_only` (on
 in configs/synthetic.py) trains on the pretraining set's visible images alone, as real CLIP never
-saw an infrared image.
+saw an infrared image. `pretrain.input_size` pretrains at a size of its own (64x32 in
+configs/synthetic.py, which fine-tunes at 96x48), as real CLIP is pretrained at 224x224.
 
   python -m eees_jax.pretrain_clip --config=configs/synthetic.py [--config.pretrain.steps=600]
 
@@ -65,16 +66,30 @@ class PretrainError(ValueError):
 def settings(config: ml_collections.ConfigDict) -> dict:
   """Everything that determines the pretrained weights: compared before a checkpoint is reused."""
   p = config.pretrain
-  out = {k: v for k, v in p.to_dict().items() if k != "enabled"}
+  out = {k: v for k, v in p.to_dict().items() if k not in ("enabled", "input_size")}
   out["vision"] = _vision_architecture(config)
   out["text"] = config.model.text.to_dict()
   out["tokenizer"] = config.text.tokenizer
-  out["input"] = [config.input.height, config.input.width]
+  out["input"] = list(input_size(config))  # the size pretrained at, however it was set
   if p.map_attribute_weight:  # the exponent of the pooled map the term reads
     out["gem_p"] = config.model.gem_p
   if not out.get("visible_only", False):  # recorded only when on: older checkpoints stay valid
     out.pop("visible_only", None)
   return json.loads(json.dumps(out))  # tuples -> lists, as they come back from JSON
+
+
+def input_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(height, width) the towers are pretrained at: pretrain.input_size, or config.input's size
+  when that is empty. Real CLIP is pretrained at its own resolution (224 x 224) and fine-tuned at
+  the ReID one; the synthetic benchmark does the same, at a lower cost of its CPU minutes."""
+  size = tuple(config.pretrain.get("input_size", ()) or ())
+  if not size:
+    return int(config.input.height), int(config.input.width)
+  if (len(size) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                for x in size)):
+    raise PretrainError(f"config.pretrain.input_size={size!r} must be (height, width), two "
+                        "positive integers, or () for config.input's size")
+  return size
 
 
 def _vision_architecture(config) -> dict:
@@ -200,8 +215,8 @@ def _pretraining_data(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple
   if p.get("visible_only", False):   # as real CLIP, which never saw an infrared image
     records = [r for r in records if r.modality == VISIBLE]
   paths = [r.path for r in records]
-  images = input_pipeline.decode_images(p.data.root, records, height=config.input.height,
-                                        width=config.input.width)
+  height, width = input_size(config)
+  images = input_pipeline.decode_images(p.data.root, records, height=height, width=width)
   tokenizer = tokenizer_lib.build_tokenizer(config.text.tokenizer,
                                             context_length=config.model.text.context_length)
   tokens = tokenizer.tokenize([captions[path]["description"] for path in paths])
@@ -252,7 +267,7 @@ def pretrain(config: ml_collections.ConfigDict, out: str) -> dict:
 
   key = jax.random.PRNGKey(p.seed)
   k_v, k_t, k_data = jax.random.split(key, 3)
-  h, w = config.input.height, config.input.width
+  h, w = input_size(config)
   variables = jax.jit(functools.partial(vision.init, train=False))(
       k_v, jnp.zeros((2, h, w, 3), jnp.float32),
       jnp.array([0, 1]) if vision_cfg["num_modalities"] > 1 else None)

@@ -77,3 +77,9 @@ def test_the_checkpoint_path_is_the_converted_folder_everywhere():
     assert parse(name).model.init.checkpoint == converted, name
   named.discard("RN50.pt")  # the README's "the trainer also accepts the checkpoint directly"
   assert named == {converted}
+
+
+def test_the_synthetic_pretraining_size_is_set_on_the_command_line():
+  assert tuple(parse("synthetic").pretrain.input_size) == (64, 32)
+  assert tuple(parse("synthetic", "--config.pretrain.input_size=(80, 40)").pretrain.input_size) == (80, 40)
+  assert tuple(parse("synthetic", "--config.pretrain.input_size=()").pretrain.input_size) == ()

@@ -86,6 +86,7 @@ def _tiny_config(tmp_path, steps=3):
   # tests below.
   c.pretrain.update(steps=steps, batch_size=8, attribute_weight=0.0, modality_stems=False,
                     visible_only=False)
+  c.pretrain.input_size = ()   # at config.input's 32x16; test_input_size covers a size of its own
   return c
 
 
@@ -216,6 +217,41 @@ def test_visible_only_drops_every_infrared_image_and_is_recorded_only_when_on(pr
   config.pretrain.visible_only = False   # ... which a pretraining on both modalities refuses
   with pytest.raises(pretrain_clip.PretrainError, match="generate.visible_only=True generates no"):
     pretrain_clip.pretrain(config, str(tmp_path / "mixed"))
+
+
+def test_input_size_sets_the_pretraining_resolution_alone(pretrained, tmp_path):
+  _, path, base = pretrained   # pretrained at config.input's 32x16 (input_size empty)
+  config = _tiny_config(base, steps=2)
+  config.pretrain.input_size = (48, 24)
+  images, *_ = pretrain_clip._pretraining_data(config)
+  assert images.shape[1:] == (48, 24, 3)
+  settings = pretrain_clip.settings(config)
+  assert settings["input"] == [48, 24] and "input_size" not in settings
+  out = str(tmp_path / "clip_48x24")
+  pretrain_clip.pretrain(config, out)
+  assert pretrain_clip.recorded_settings(out)["input"] == [48, 24]
+  # The tower pretrained at 48x24 runs at config.input's 32x16, as EEES will run it.
+  w = weights_lib.load_clip(out)
+  vision = towers.build_vision_tower(config.model.vision.to_dict())   # EEES's: two stems
+  x = normalize(jnp.asarray(images[:2, :, :, :]), CLIP_MEAN, CLIP_STD)
+  x = jax.image.resize(x, (2, 32, 16, 3), "bilinear")
+  feats = vision.apply(w.vision_variables(), x, jnp.array([0, 1]), train=False)["pooled"]
+  assert feats.shape == (2, 32) and np.isfinite(np.asarray(feats)).all()
+  # What is compared before reuse is the size pretrained at, however it is set: the fixture's
+  # checkpoint (32x16 from config.input) is reused under input_size=(32, 16) and another
+  # config.input, and refused under input_size=(48, 24).
+  config = _tiny_config(base)
+  config.model.init.checkpoint = path
+  config.pretrain.input_size = (32, 16)
+  config.input.update(height=64, width=32)
+  assert pretrain_clip.ensure_pretrained(config) == path
+  config.pretrain.input_size = (48, 24)
+  with pytest.raises(pretrain_clip.PretrainError, match="differ in: input"):
+    pretrain_clip.ensure_pretrained(config)
+  for bad in ((48,), (48, 0), (48.0, 24), (True, 24)):
+    config.pretrain.input_size = bad
+    with pytest.raises(pretrain_clip.PretrainError, match=r"config.pretrain.input_size=.* must be"):
+      pretrain_clip.ensure_pretrained(config)
 
 
 def test_map_attribute_term_gradient_reaches_the_tower(tmp_path):
