@@ -29,8 +29,8 @@ def get_config():
   # fine-tuned at the ReID size. Holdout, val all-search mAP, seeds 0-1: 37.77 (37.37-38.16) at
   # 96x48 for 9 epochs against 33.32 (32.91-33.73) at 64x32 for 10 (README, "Loss weights");
   # seed 0, 10 epochs: 38.48 at 96x48, 36.63 at 88x44, 35.55 at 80x40. 96x48 steps take about
-  # twice as long as 64x32 ones, so the stage trains 9 epochs instead of 10 to keep `make demo`
-  # inside its 8 minutes.
+  # twice as long as 64x32 ones, so the stage trains 9 epochs instead of 10, aiming `make demo` at
+  # its 8 minutes: one run took 7:58, another 9:48 (README, "`make demo`").
   c.input.height, c.input.width = 96, 48
   c.input.P, c.input.K = 8, 4
   c.input.cache_decoded = True
@@ -127,7 +127,7 @@ def get_config():
   # 10 epochs (1,040 steps), not 6: val all-search mAP 29.84 (28.32-30.90) against 27.76
   # (27.04-28.36), seeds 0-2; the image-only baseline gains as much (seed 0: 23.38 against 20.90).
   # At 64x32 that was about a minute more of `make demo`; at 96x48 (c.input above) 9 epochs (936
-  # steps, the rate drop at 7) fit the 8 minutes where 10 would not.
+  # steps, the rate drop at 7), since 10 would not fit the 8 minutes and 9 only sometimes do.
   c.train.epochs = 9
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 200

@@ -81,5 +81,6 @@ def test_the_checkpoint_path_is_the_converted_folder_everywhere():
 
 def test_the_synthetic_pretraining_size_is_set_on_the_command_line():
   assert tuple(parse("synthetic").pretrain.input_size) == (64, 32)
-  assert tuple(parse("synthetic", "--config.pretrain.input_size=(80, 40)").pretrain.input_size) == (80, 40)
+  size = parse("synthetic", "--config.pretrain.input_size=(80, 40)").pretrain.input_size
+  assert tuple(size) == (80, 40)
   assert tuple(parse("synthetic", "--config.pretrain.input_size=()").pretrain.input_size) == ()

@@ -86,7 +86,7 @@ def _tiny_config(tmp_path, steps=3):
   # tests below.
   c.pretrain.update(steps=steps, batch_size=8, attribute_weight=0.0, modality_stems=False,
                     visible_only=False)
-  c.pretrain.input_size = ()   # at config.input's 32x16; test_input_size covers a size of its own
+  c.pretrain.input_size = ()   # at config.input's 32x16; test_input_size_* sets a size of its own
   return c
 
 
@@ -233,7 +233,7 @@ def test_input_size_sets_the_pretraining_resolution_alone(pretrained, tmp_path):
   # The tower pretrained at 48x24 runs at config.input's 32x16, as EEES will run it.
   w = weights_lib.load_clip(out)
   vision = towers.build_vision_tower(config.model.vision.to_dict())   # EEES's: two stems
-  x = normalize(jnp.asarray(images[:2, :, :, :]), CLIP_MEAN, CLIP_STD)
+  x = normalize(jnp.asarray(images[:2]), CLIP_MEAN, CLIP_STD)
   x = jax.image.resize(x, (2, 32, 16, 3), "bilinear")
   feats = vision.apply(w.vision_variables(), x, jnp.array([0, 1]), train=False)["pooled"]
   assert feats.shape == (2, 32) and np.isfinite(np.asarray(feats)).all()
