@@ -31,6 +31,9 @@ def tiny_config(root: str, **train_kw) -> ml_collections.ConfigDict:
   c.text.trainable = True
   c.input.update(height=32, width=16, P=4, K=2, eval_batch_size=16)
   c.input.aug.pad = 2
+  # SPEC's random erasing, which the synthetic config turns off for its pretrained-CLIP stage:
+  # tests/test_learning.py's recorded numbers were measured with it.
+  c.input.aug.erasing_prob = common.base_config().input.aug.erasing_prob
   c.model.vision.update(layers=(1, 1, 1, 1), width=8, output_dim=32, heads=2)
   c.model.text.update(width=32, heads=2, layers=1, embed_dim=32, context_length=40)
   c.text.embed_batch_size = 32
