@@ -30,7 +30,7 @@ def get_config():
   # 96x48 for 9 epochs against 33.32 (32.91-33.73) at 64x32 for 10 (README, "Loss weights");
   # seed 0, 10 epochs: 38.48 at 96x48, 36.63 at 88x44, 35.55 at 80x40. 96x48 steps take about
   # twice as long as 64x32 ones, so the stage trains 9 epochs instead of 10, aiming `make demo` at
-  # its 8 minutes: one run took 7:58, another 9:48 (README, "`make demo`").
+  # its 8 minutes: runs took 7:58, 9:48 and 9:06 (README, "`make demo`").
   c.input.height, c.input.width = 96, 48
   c.input.P, c.input.K = 8, 4
   c.input.cache_decoded = True
