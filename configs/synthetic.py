@@ -30,7 +30,7 @@ def get_config():
   # 96x48 for 9 epochs against 33.32 (32.91-33.73) at 64x32 for 10 (README, "Loss weights");
   # seed 0, 10 epochs: 38.48 at 96x48, 36.63 at 88x44, 35.55 at 80x40. 96x48 steps take about
   # twice as long as 64x32 ones, so the stage trains 9 epochs instead of 10, aiming `make demo` at
-  # its 8 minutes: runs took 7:58, 9:48 and 9:06 (README, "`make demo`").
+  # its 8 minutes: runs took 7:58, 9:48, 9:06 and 7:35 (README, "`make demo`").
   c.input.height, c.input.width = 96, 48
   # 16 identities of 2 images a step instead of 8 of 4 (the same 96 images, the same steps an
   # epoch), with Adam at 2e-3 (c.optim.lr below): the stage underfits its own people (infrared ->
