@@ -16,17 +16,38 @@ BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 _HEADER = "# Benchmarks\n\nFigures written by the scripts in bench/; each section names its command.\n"
 
 
+def _cpu(cpuinfo: str) -> str:
+  """'AMD EPYC (family 25 model 1, AVX2)' from the text of /proc/cpuinfo (its first processor).
+
+  Hosts that report the same model name can differ in vector units (this project has measured on
+  an EPYC with AVX-512 and on one with AVX2 only, both called 'AMD EPYC'), and XLA compiles for
+  the units it finds, so speed and results are only comparable within one of these strings.
+  """
+  fields: dict[str, str] = {}
+  for line in cpuinfo.splitlines():
+    if not line.strip():
+      break  # the first processor's block is enough: the cores of one host are alike
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  flags = set(fields.get("flags", "").split())
+  units = [u for u, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AMX", "amx_tile"),
+                             ("AVX512_BF16", "avx512_bf16")) if flag in flags]
+  if "AVX-512" in units:
+    units.remove("AVX2")  # implied
+  detail = [f"family {fields['cpu family']} model {fields['model']}"] if (
+      "cpu family" in fields and "model" in fields) else []
+  detail += units
+  return f"{name} ({', '.join(detail)})" if detail else name
+
+
 def machine_description() -> str:
   """A one-line description of the machine a figure was measured on."""
-  cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+      cpu = _cpu(f.read())
+  except OSError:  # not Linux
+    cpu = platform.processor() or platform.machine()
   try:
     import jax
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
