@@ -45,9 +45,10 @@ def machine_description() -> str:
   """A one-line description of the machine a figure was measured on."""
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = _cpu(f.read())
-  except OSError:  # not Linux
-    cpu = platform.processor() or platform.machine()
+      cpuinfo = f.read()
+  except OSError:  # not Linux: _cpu falls back to the platform's own name
+    cpuinfo = ""
+  cpu = _cpu(cpuinfo)
   try:
     import jax
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"

@@ -1,5 +1,7 @@
 """bench/_report.py: the machine line names the CPU's generation and vector units, so figures from two
 hosts with one model name (both 'AMD EPYC') are not confused; sections are replaced in place."""
+import platform
+
 from bench import _report
 
 ZEN3 = """processor\t: 0
@@ -34,6 +36,7 @@ def test_cpu_names_generation_and_vector_units():
 
 def test_cpu_without_details_is_the_name_alone():
   assert _report._cpu("model name\t: Some CPU\n") == "Some CPU"
+  assert _report._cpu("") == (platform.processor() or platform.machine())  # no /proc/cpuinfo
 
 
 def test_machine_description_reads_this_host():

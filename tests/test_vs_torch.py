@@ -58,10 +58,10 @@ def test_train_steps_match(tiny, monkeypatch):
   follows the machine's thread partitioning, that reached a relative 1e-4 on a 2-core Intel Xeon
   (1.7e-5 with YNNPACK's), as large as the effect of a 1% learning-rate error (2.4e-4) or an
   unfrozen BNNeck bias (1.2e-4), so the JAX side compiles with YNNPACK's here. Even with YNNPACK a
-  loss after a step differed by a relative 1.03e-4 on a 2-core AMD EPYC with AVX2 only (family 25 model
-  1; 2e-5 held on the AVX-512 EPYC), so the steps are compared at 1.5e-4: a 1% learning-rate error
-  on the torch side still fails it (2.0e-4 on that AVX2 EPYC), and the frozen BNNeck bias and weight
-  decay are checked exactly in tests/test_optim.py (a zero update; torch's Adam).
+  loss after a step differed by a relative 1.03e-4 on a 2-core AMD EPYC with AVX2 only (family 25
+  model 1; 2e-5 held on the AVX-512 EPYC), so the steps are compared at 1.5e-4: a 1% learning-rate
+  error on the torch side still fails it (2.0e-4 on that AVX2 EPYC), and the frozen BNNeck bias and
+  weight decay are checked exactly in tests/test_optim.py (a zero update; torch's Adam).
   """
   monkeypatch.setenv(xla_cpu.ENV_CONVOLUTIONS, "ynnpack")
   peer, vision, variables = tiny
