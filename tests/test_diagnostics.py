@@ -200,3 +200,37 @@ def test_diagnose_reports_retrieval_on_the_split_and_on_training_ids(tiny_workdi
   assert out["blocks"]["f+v"] == out["retrieval"]["test"]["ir->vis"]
   md = diagnostics.markdown([out])
   assert "| train |" in md and "| test |" in md and "l2(BN f)" in md
+  assert "train ids" in md
+
+
+def test_diagnose_measures_cmsp_on_the_training_identities_with_their_own_captions(tiny_workdir):
+  # Oracle: the pair gap of the training records, from their own descriptions, by a plain loop
+  # over anchors (SPEC 3.6: Euclidean, mean intra-modality distance, anchors with both modalities).
+  import os
+  from data_pipelines import descriptions as descriptions_lib
+  from data_pipelines import sysu_mm01, synthetic
+  from eees_jax import inference
+  root = tiny_workdir["root"]
+  out = diagnostics.diagnose(tiny_workdir["workdir"], root, split="test")
+  model = inference.load(tiny_workdir["workdir"])
+  n_test = len(sysu_mm01.split_ids(root)["test"])
+  records = sysu_mm01.training_records(root, n_test)
+  texts = descriptions_lib.load_descriptions(os.path.join(root, synthetic.DESCRIPTIONS), records)
+  feats = np.zeros((len(records), model.feature_dim), np.float32)
+  for i, r in enumerate(records):
+    feats[i] = model.embed_images([os.path.join(root, r.path)], r.modality)[0]
+  v = model.joint_of(feats)
+  z = v + model.embed_text(texts)
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  gaps = []
+  for i, r in enumerate(records):
+    same = [j for j, q in enumerate(records) if q.pid == r.pid and j != i]
+    intra = [np.linalg.norm(z[i] - z[j]) for j in same if records[j].modality == r.modality]
+    inter = [np.linalg.norm(z[i] - z[j]) for j in same if records[j].modality != r.modality]
+    if intra and inter:
+      gaps.append(np.mean(inter) - np.mean(intra))
+  assert gaps
+  np.testing.assert_allclose(out["cmsp_train"]["pair_gap"], np.mean(gaps), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out["cmsp_train"]["pair_objective"], np.mean(np.square(gaps)),
+                             rtol=1e-4, atol=1e-6)
+  assert out["cmsp_train"]["pair_gap"] != out["cmsp"]["pair_gap"]
