@@ -3,6 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/synthetic
+# glibc's allocator, tuned for XLA:CPU (BENCHMARKS.md, "glibc malloc tunables"): every step, XLA
+# allocates its temporaries (219 MB for the synthetic CLIP's pretraining step) and Eigen its
+# contraction blocks, which glibc maps fresh and unmaps again, so the kernel zeroes and faults
+# them in page by page (sys time was 28% of `make demo`'s CPU time). Keep freed memory
+# (trim_threshold), serve up to 32 MB from the heap (mmap_threshold), grow it in 64 MB steps
+# (top_pad) and back larger blocks with transparent huge pages (hugetlb=1, glibc >= 2.35). Results
+# are bit-identical; glibc reads this only at process start, and other C libraries ignore it.
+# `make GLIBC_TUNABLES= demo` runs without it; export the same value for runs outside make.
+GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.trim_threshold=68719476736:glibc.malloc.mmap_threshold=33554432:glibc.malloc.top_pad=67108864
+export GLIBC_TUNABLES
 
 .PHONY: test demo venv venv-test bench-torch clean
 
