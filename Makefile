@@ -14,7 +14,7 @@ WORKDIR ?= workdir/synthetic
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.trim_threshold=68719476736:glibc.malloc.mmap_threshold=33554432:glibc.malloc.top_pad=67108864
 export GLIBC_TUNABLES
 
-.PHONY: test demo venv venv-test bench-torch clean
+.PHONY: test demo venv venv-test bench-torch clean print-tunables
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ demo: venv
 # About 35 minutes on 2 CPU cores (--rounds=2 took 25); writes its section of BENCHMARKS.md.
 bench-torch: venv-test
 	$(BIN)/python -m bench.vs_torch $(BENCH_ARGS)
+
+# `export $(make -s print-tunables)` gives a shell the same allocator settings for runs outside make.
+print-tunables:
+	@echo GLIBC_TUNABLES=$(GLIBC_TUNABLES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
