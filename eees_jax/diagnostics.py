@@ -219,7 +219,6 @@ def attribute_retrieval(v: np.ndarray, records: Sequence, truths: dict, people: 
 
 def diagnose(workdir: str, root: str | None = None, split: str = "test", step: str = "latest") -> dict:
   """All diagnostics of one workdir on the `split` identities of its synthetic set."""
-  from data_pipelines import descriptions as descriptions_lib
   from data_pipelines import sysu_mm01, synthetic
   from eees_jax import inference
   model = inference.load(workdir, step=step)
@@ -232,26 +231,17 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
   truths = {json.loads(line)["image"]: json.loads(line) for line in open(truth_path, encoding="utf-8")}
   people = {p["pid"]: p for p in json.load(open(os.path.join(root, synthetic.MARKER)))["identities"]}
   records = sysu_mm01.test_records(root, split)
-  texts = descriptions_lib.load_descriptions(os.path.join(root, synthetic.DESCRIPTIONS), records)
-  modality = np.asarray([r.modality for r in records])
-  pids = np.asarray([r.pid for r in records])
-  camids = np.asarray([r.camid for r in records])
-  features = _embed(model, root, records)
-  v = model.joint_of(features)
-  t = model.embed_text(texts)
+  features, v, t, pids, modality, camids = _encode(model, root, records)
   if cfg.loss.pair.kind != "sum":
     raise ValueError(f"diagnostics implement the pair representation 'sum' only; {workdir} used "
                      f"loss.pair.kind={cfg.loss.pair.kind!r}")
   kl, agree = teacher_agreement(v, t, pids, float(cfg.loss.cvsc.kd_temperature))
   train_records = sysu_mm01.training_records(root, len(set(pids.tolist())))
-  train_pids, train_modality, train_camids = (np.asarray([getattr(r, k) for r in train_records])
-                                              for k in ("pid", "modality", "camid"))
-  train_features = _embed(model, root, train_records)
+  (train_features, train_v, train_t, train_pids, train_modality,
+   train_camids) = _encode(model, root, train_records)
   # CMSP's phenomenon where the term was optimised: a gap that closes here but not on the split's
   # identities is fitted, not learnt.
-  train_t = model.embed_text(descriptions_lib.load_descriptions(
-      os.path.join(root, synthetic.DESCRIPTIONS), train_records))
-  cmsp_train = cmsp_measures(model.joint_of(train_features), train_t, train_pids, train_modality)
+  cmsp_train = cmsp_measures(train_v, train_t, train_pids, train_modality)
   on_split = modality_retrieval(features, pids, modality, camids)
   halves = feature_blocks(features, model.joint_dim, model.flip)
   blocks = {"f+v": on_split["ir->vis"]}  # the whole feature's row, already ranked above
@@ -266,6 +256,17 @@ def diagnose(workdir: str, root: str | None = None, split: str = "test", step: s
           "cmsp_train": cmsp_train,
           "cvsc": {"teacher_kl": kl, "teacher_top1": agree,
                    "attributes": attribute_retrieval(v, records, truths, people, model.embed_text)}}
+
+
+def _encode(model, root: str, records: Sequence) -> tuple[np.ndarray, ...]:
+  """(test-time features [n, feature_dim], v [n, d], the embedded descriptions t [n, d], pids,
+  modalities, cameras [n]) of `records`, in their order."""
+  from data_pipelines import descriptions as descriptions_lib
+  from data_pipelines import synthetic
+  features = _embed(model, root, records)
+  texts = descriptions_lib.load_descriptions(os.path.join(root, synthetic.DESCRIPTIONS), records)
+  labels = (np.asarray([getattr(r, k) for r in records]) for k in ("pid", "modality", "camid"))
+  return (features, model.joint_of(features), model.embed_text(texts), *labels)
 
 
 def _embed(model, root: str, records: Sequence) -> np.ndarray:

@@ -3,6 +3,7 @@
 glibc ignores a tunable it does not know without a word, so a misspelt name would silently undo
 the setting; the dynamic loader's --list-tunables shows what it actually parsed.
 """
+import functools
 import glob
 import os
 import shutil
@@ -21,8 +22,9 @@ def _make(*args: str) -> str:
                         check=True, capture_output=True, text=True).stdout.strip()
 
 
+@functools.lru_cache(maxsize=None)
 def _loader() -> str | None:
-  """The glibc dynamic loader, if it has --list-tunables (glibc 2.33 and later)."""
+  """The glibc dynamic loader, if it has --list-tunables (glibc 2.33 and later); looked up once."""
   for path in sorted(glob.glob("/lib64/ld-linux-*.so.*") + glob.glob("/lib/ld-linux-*.so.*")):
     out = subprocess.run([path, "--list-tunables"], capture_output=True, text=True)
     if out.returncode == 0 and "glibc.malloc" in out.stdout:
